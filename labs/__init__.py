@@ -1,0 +1,1 @@
+"""Lab and test infrastructure: network namespaces, private OVS instances, packet helpers."""

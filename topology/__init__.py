@@ -1,0 +1,1 @@
+"""Pure model: config, roles, pipeline, flow computation. No I/O."""

@@ -1,0 +1,259 @@
+"""host.yaml: one per Proxmox host. Validated fully before anything is applied.
+
+Errors name the file, the line and the field (`ConfigError`); the CLI turns
+them into exit status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from topology.yamlpos import compose_with_lines, line_of
+
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]-]{1,15}$")
+LISTEN_RE = re.compile(r"^(tcp|ssl):(?P<host>[0-9a-fA-F.:\[\]]+):(?P<port>\d{1,5})$")
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each with file, line and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ifname(value: str) -> str:
+    if not isinstance(value, str) or not IFNAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid interface name (1-15 chars, no spaces or /)")
+    return value
+
+
+IfName = Annotated[str, BeforeValidator(_ifname)]
+
+
+class IdRange(_Strict):
+    first: int = Field(ge=100, le=999_999_999)
+    last: int = Field(ge=100, le=999_999_999)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IdRange:
+        if self.first > self.last:
+            raise ValueError(f"first ({self.first}) is greater than last ({self.last})")
+        return self
+
+    def __contains__(self, vmid: int) -> bool:
+        return self.first <= vmid <= self.last
+
+    def overlaps(self, other: IdRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+
+def _id_range(value: Any) -> Any:
+    """Accept "100-199" as well as {first: 100, last: 199}."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+        if not m:
+            raise ValueError(f"{value!r} is not an id range like '100-199'")
+        return {"first": int(m.group(1)), "last": int(m.group(2))}
+    return value
+
+
+IdRangeField = Annotated[IdRange, BeforeValidator(_id_range)]
+
+
+class ControllerCfg(_Strict):
+    listen: str = "tcp:127.0.0.1:6653"
+    max_backoff_ms: int = Field(default=1000, ge=1000, le=60_000)
+    inactivity_probe_ms: int = Field(default=5000, ge=1000, le=3_600_000)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        m = LISTEN_RE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not tcp:ADDRESS:PORT")
+        ipaddress.ip_address(m.group("host").strip("[]"))
+        if not 0 < int(m.group("port")) < 65536:
+            raise ValueError(f"port {m.group('port')} out of range")
+        return value
+
+    @property
+    def host(self) -> str:
+        m = LISTEN_RE.match(self.listen)
+        assert m
+        return m.group("host").strip("[]")
+
+    @property
+    def port(self) -> int:
+        m = LISTEN_RE.match(self.listen)
+        assert m
+        return int(m.group("port"))
+
+    @property
+    def ovs_target(self) -> str:
+        """How ovs-vswitchd reaches this controller (it connects out)."""
+        proto = self.listen.split(":", 1)[0]
+        host = self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{proto}:{host}:{self.port}"
+
+
+class MeshBridgeCfg(_Strict):
+    name: IfName = "mesh"
+    uplinks: list[IfName] = Field(default_factory=lambda: ["nm-privacy"], min_length=1)
+    to_socket: IfName = "to-socket"
+
+
+class SocketBridgeCfg(_Strict):
+    name: IfName = "vmbr0"
+    from_mesh: IfName = "from-mesh"
+    warp: IfName = "warp0"
+    privacy_ids: IdRangeField = IdRange(first=100, last=199)
+    service_ids: IdRangeField = IdRange(first=200, last=299)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> SocketBridgeCfg:
+        if self.privacy_ids.overlaps(self.service_ids):
+            raise ValueError(
+                f"privacy_ids {self.privacy_ids.first}-{self.privacy_ids.last} and service_ids "
+                f"{self.service_ids.first}-{self.service_ids.last} overlap"
+            )
+        if len({self.from_mesh, self.warp}) != 2:
+            raise ValueError("from_mesh and warp must be different ports")
+        return self
+
+
+class BridgesCfg(_Strict):
+    mesh: MeshBridgeCfg
+    socket: SocketBridgeCfg
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BridgesCfg:
+        if self.mesh.name == self.socket.name:
+            raise ValueError(f"mesh and socket bridges have the same name {self.mesh.name!r}")
+        return self
+
+
+class ContainerCfg(_Strict):
+    """Addresses of a container, when known (Proxmox hwaddr / ip in the CT config)."""
+
+    mac: str | None = None
+    ip: ipaddress.IPv4Interface | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        low = value.lower()
+        if not MAC_RE.match(low):
+            raise ValueError(f"{value!r} is not a MAC address like 02:00:00:00:01:00")
+        if int(low[:2], 16) & 1:
+            raise ValueError(f"{value!r} is a multicast MAC address")
+        return low
+
+    @field_validator("ip", mode="before")
+    @classmethod
+    def _ip(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return ipaddress.IPv4Interface(str(value))
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv4 address or CIDR: {exc}") from None
+
+
+class HostConfig(_Strict):
+    host: str = "localhost"
+    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
+    datapath_type: Literal["system", "netdev"] = "system"
+    controller: ControllerCfg = ControllerCfg()
+    bridges: BridgesCfg
+    containers: dict[int, ContainerCfg] = Field(default_factory=dict)
+    policy: str | None = None
+
+    @field_validator("ovsdb")
+    @classmethod
+    def _ovsdb(cls, value: str) -> str:
+        if not re.match(r"^(unix:/.+|tcp:[^:]+:\d+|ssl:[^:]+:\d+)$", value):
+            raise ValueError(f"{value!r} is not an OVSDB remote (unix:/path or tcp:HOST:PORT)")
+        return value
+
+    @model_validator(mode="after")
+    def _containers_in_ranges(self) -> HostConfig:
+        s = self.bridges.socket
+        for vmid in self.containers:
+            if vmid not in s.privacy_ids and vmid not in s.service_ids:
+                raise ValueError(
+                    f"container {vmid} is in neither privacy_ids nor service_ids"
+                )
+        return self
+
+    def container(self, vmid: int) -> ContainerCfg:
+        return self.containers.get(vmid, ContainerCfg())
+
+
+def _format_loc(loc: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _pydantic_problems(path: str, root: Any, exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # drop union/type tags pydantic inserts (e.g. 'function-before[...]')
+        line = line_of(root, loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        problems.append(f"{path}:{line}: {_format_loc(loc)}: {msg}")
+    return problems
+
+
+def load_host_config(path: str | Path) -> HostConfig:
+    """Parse and validate host.yaml. Raises ConfigError with file:line: field: reason."""
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_host_config(text, path)
+
+
+def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
+    try:
+        root = compose_with_lines(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{path}:{line}: YAML syntax error: {getattr(exc, 'problem', exc)}"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: (top level): expected a mapping of settings"])
+    try:
+        return HostConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(path, root, exc)) from None

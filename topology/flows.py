@@ -1,0 +1,247 @@
+"""Desired flows of both bridges, computed from config and discovered ports. No I/O.
+
+`desired_state(cfg, ports)` is the whole truth the controller installs: a
+frozenset of `Flow` per bridge name. Anything printed by `socknet flows` comes
+from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from topology.config import HostConfig
+from topology.model import (
+    Action,
+    Ct,
+    Flow,
+    Learn,
+    LearnSpec,
+    MoveField,
+    Output,
+    OutputReg,
+    Owner,
+    Resubmit,
+    SetField,
+    SetReg,
+    ct_state,
+    flow,
+    learn_mac_to_port,
+)
+from topology.pipeline import (
+    CLASS_MESH,
+    CLASS_PRIVACY,
+    CLASS_SERVICE,
+    CLASS_WARP,
+    LEARN_IDLE_TIMEOUT,
+    MESH_PIPELINE,
+    REG_CLASS,
+    REG_OUT,
+    SOCKET_PIPELINE,
+    ZONE_PRIVACY,
+    check_flows,
+)
+from topology.roles import PortRole, Role, classify_port
+
+ETH_ARP = 0x0806
+ETH_IPV4 = 0x0800
+MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
+
+# Ports as discovered: bridge name -> port name -> OpenFlow port number.
+Ports = Mapping[str, Mapping[str, int]]
+DesiredState = dict[str, frozenset[Flow]]
+
+
+@dataclass(frozen=True)
+class BoundPort:
+    name: str
+    ofport: int
+    role: PortRole
+
+
+def bound_ports(cfg: HostConfig, bridge: str, ports: Mapping[str, int]) -> list[BoundPort]:
+    """Ports of one bridge with their roles, ordered by OpenFlow port number."""
+    out = [
+        BoundPort(name, ofport, classify_port(cfg, bridge, name))
+        for name, ofport in ports.items()
+        if ofport is not None and 0 < ofport < 0xFF00
+    ]
+    return sorted(out, key=lambda p: p.ofport)
+
+
+def _of_role(ports: list[BoundPort], role: Role) -> list[BoundPort]:
+    return [p for p in ports if p.role.role is role]
+
+
+def mesh_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
+    t = MESH_PIPELINE["mesh_isolation"]
+    bound = bound_ports(cfg, cfg.bridges.mesh.name, ports)
+    uplinks = _of_role(bound, Role.MESH_UPLINK)
+    to_socket = _of_role(bound, Role.TO_SOCKET)
+    out = {flow(t, 0, note="mesh: default drop (isolation)")}
+    for sock in to_socket:
+        for up in uplinks:
+            out.add(flow(t, 100, in_port=up.ofport, actions=[Output(sock.ofport)],
+                         owner=Owner.PORTS, note=f"mesh: {up.name} -> {sock.name}"))
+        if uplinks:
+            out.add(flow(t, 100, in_port=sock.ofport,
+                         actions=[Output(up.ofport) for up in uplinks], owner=Owner.PORTS,
+                         note=f"mesh: {sock.name} -> {', '.join(u.name for u in uplinks)}"))
+    return frozenset(out)
+
+
+def _arp_responder(mac: str, ip: str) -> list[Action]:
+    """Turn an ARP request for ``ip`` into the reply ``ip is-at mac``, sent back where it came."""
+    return [
+        MoveField("NXM_OF_ETH_SRC[]", "NXM_OF_ETH_DST[]"),
+        SetField("eth_src", mac),
+        SetField("arp_op", 2),
+        MoveField("NXM_NX_ARP_SHA[]", "NXM_NX_ARP_THA[]"),
+        MoveField("NXM_OF_ARP_SPA[]", "NXM_OF_ARP_TPA[]"),
+        SetField("arp_sha", mac),
+        SetField("arp_spa", ip),
+        Output("IN_PORT"),
+    ]
+
+
+# The mesh host's MAC by its IPv4 address, learned when it opens a connection to
+# a privacy container: replies leave addressed to the container's gateway (the
+# mesh host is off-subnet) and get this MAC instead, so no ARP ever leaves
+# towards the mesh on a privacy container's behalf.
+_LEARN_MESH_HOST = Learn(
+    table=SOCKET_PIPELINE["mesh_reply_l2"],
+    priority=10,
+    idle_timeout=LEARN_IDLE_TIMEOUT,
+    specs=(
+        LearnSpec("match", "0x800", "NXM_OF_ETH_TYPE[]"),
+        LearnSpec("match", "NXM_OF_IP_SRC[]", "NXM_OF_IP_DST[]"),
+        LearnSpec("load", "NXM_OF_ETH_SRC[]", "NXM_OF_ETH_DST[]"),
+    ),
+)
+
+
+def socket_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
+    p = SOCKET_PIPELINE
+    bound = bound_ports(cfg, cfg.bridges.socket.name, ports)
+    from_mesh = _of_role(bound, Role.FROM_MESH)
+    warp = _of_role(bound, Role.WARP)
+    privacy = _of_role(bound, Role.PRIVACY)
+    service = _of_role(bound, Role.SERVICE)
+    warp_out: list[Action] = [Output(w.ofport) for w in warp]
+    mesh_out: list[Action] = [Output(m.ofport) for m in from_mesh]
+
+    f: set[Flow] = set()
+    add = f.add
+
+    # classify: which class of port did this come from? unknown ports: dropped
+    c = p["classify"]
+    add(flow(c, 0, note="classify: unknown port, drop"))
+    learn_service = learn_mac_to_port(p["service_l2"], 10, LEARN_IDLE_TIMEOUT)
+    learn_privacy = learn_mac_to_port(p["privacy_hosts"], 10, LEARN_IDLE_TIMEOUT, REG_OUT)
+    for port in from_mesh:
+        add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
+                 actions=[SetReg(REG_CLASS, CLASS_MESH), learn_service],
+                 note=f"classify: {port.name} is from-mesh"))
+    for port in warp:
+        add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
+                 actions=[SetReg(REG_CLASS, CLASS_WARP)], note=f"classify: {port.name} is WARP"))
+    for port in privacy:
+        add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
+                 actions=[SetReg(REG_CLASS, CLASS_PRIVACY), learn_privacy],
+                 note=f"classify: {port.name} is privacy container {port.role.vmid}"))
+    for port in service:
+        add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
+                 actions=[SetReg(REG_CLASS, CLASS_SERVICE), learn_service],
+                 note=f"classify: {port.name} is service container {port.role.vmid}"))
+
+    # reserved stages: pass through until the policy issue fills them
+    add(flow(p["spoof_guard"], 0, goto=p["policy"], note="spoof_guard: (reserved) pass"))
+    add(flow(p["policy"], 0, goto=p["dispatch"], note="policy: (reserved) pass"))
+
+    d = p["dispatch"]
+    add(flow(d, 0, note="dispatch: drop"))
+    add(flow(d, 10, goto=p["privacy_egress"], note="dispatch: privacy -> privacy_egress",
+             **{REG_CLASS: CLASS_PRIVACY}))
+    add(flow(d, 10, goto=p["privacy_lookup"], note="dispatch: WARP -> privacy_lookup",
+             **{REG_CLASS: CLASS_WARP}))
+    add(flow(d, 10, goto=p["privacy_lookup"], note="dispatch: mesh -> privacy_lookup",
+             **{REG_CLASS: CLASS_MESH}))
+    add(flow(d, 10, goto=p["service_l2"], note="dispatch: service -> service_l2",
+             **{REG_CLASS: CLASS_SERVICE}))
+    # ARP for declared privacy containers is answered here, for the mesh and for WARP
+    # (their ARP replies must never leave towards the mesh).
+    for port in privacy:
+        decl = cfg.container(port.role.vmid or 0)
+        if decl.mac and decl.ip:
+            for cls in (CLASS_MESH, CLASS_WARP):
+                add(flow(d, 100, eth_type=ETH_ARP, arp_op=1, arp_tpa=str(decl.ip.ip),
+                         actions=_arp_responder(decl.mac, str(decl.ip.ip)), owner=Owner.PORTS,
+                         note=f"dispatch: answer ARP for privacy container {port.role.vmid}",
+                         **{REG_CLASS: cls}))
+
+    # privacy egress: the kill switch. The only outputs are WARP, and the mesh for
+    # replies of connections the mesh opened. No WARP port: no flow, so drop.
+    e = p["privacy_egress"]
+    add(flow(e, 0, note="privacy_egress: drop (kill switch)"))
+    add(flow(e, 20, eth_type=ETH_IPV4, actions=[Ct(zone=ZONE_PRIVACY, table=p["privacy_ct"])],
+             note="privacy_egress: IPv4 through conntrack"))
+    if warp_out:
+        add(flow(e, 10, actions=warp_out, owner=Owner.PORTS,
+                 note="privacy_egress: non-IPv4 (ARP) to WARP only"))
+    ct_t = p["privacy_ct"]
+    add(flow(ct_t, 0, note="privacy_ct: drop (kill switch)"))
+    if mesh_out:
+        for state in ("+trk+est+rpl", "+trk+rel+rpl"):
+            add(flow(ct_t, 20, ct_state=ct_state(state), owner=Owner.PORTS,
+                     actions=[Resubmit(p["mesh_reply_l2"]), *mesh_out],
+                     note=f"privacy_ct: {state} reply to a mesh-opened connection -> mesh"))
+    if warp_out:
+        add(flow(ct_t, 15, ct_state=ct_state("+trk+inv"), note="privacy_ct: invalid, drop"))
+        add(flow(ct_t, 10, ct_state=ct_state("+trk"), actions=warp_out, owner=Owner.PORTS,
+                 note="privacy_ct: everything else to WARP only"))
+    add(flow(p["mesh_reply_l2"], 0, note="mesh_reply_l2: unknown mesh host, keep eth_dst"))
+
+    # mesh / WARP towards privacy containers: find the owner of eth_dst
+    add(flow(p["privacy_lookup"], 0, actions=[SetReg(REG_OUT, 0), Resubmit(p["privacy_hosts"])],
+             goto=p["privacy_deliver"], note="privacy_lookup: reg1 = port of eth_dst"))
+    add(flow(p["privacy_hosts"], 0, note="privacy_hosts: miss (reg1 stays 0)"))
+    for port in privacy:
+        decl = cfg.container(port.role.vmid or 0)
+        if decl.mac:
+            add(flow(p["privacy_hosts"], 20, eth_dst=decl.mac, owner=Owner.PORTS,
+                     actions=[SetReg(REG_OUT, port.ofport)],
+                     note=f"privacy_hosts: declared MAC of container {port.role.vmid}"))
+    dl = p["privacy_deliver"]
+    add(flow(dl, 0, note="privacy_deliver: drop"))
+    add(flow(dl, 30, goto=p["service_l2"], note="privacy_deliver: mesh, not a privacy host",
+             **{REG_CLASS: CLASS_MESH, REG_OUT: 0}))
+    if privacy:
+        add(flow(dl, 25, eth_dst=MULTICAST, actions=[Output(x.ofport) for x in privacy],
+                 owner=Owner.PORTS, note="privacy_deliver: WARP broadcast to privacy containers",
+                 **{REG_CLASS: CLASS_WARP, REG_OUT: 0}))
+    add(flow(dl, 20, note="privacy_deliver: unknown destination, drop", **{REG_OUT: 0}))
+    add(flow(dl, 15, eth_type=ETH_IPV4,
+             actions=[Ct(zone=ZONE_PRIVACY, commit=True), _LEARN_MESH_HOST, OutputReg(REG_OUT)],
+             note="privacy_deliver: mesh -> privacy container (conntrack commit)",
+             **{REG_CLASS: CLASS_MESH}))
+    add(flow(dl, 10, actions=[OutputReg(REG_OUT)], note="privacy_deliver: WARP return",
+             **{REG_CLASS: CLASS_WARP}))
+
+    # service containers and the mesh: learned switching, never privacy or WARP ports
+    s = p["service_l2"]
+    flood = [Output(x.ofport) for x in (*service, *from_mesh)]
+    add(flow(s, 0, actions=flood, owner=Owner.PORTS if flood else Owner.PIPELINE,
+             note="service_l2: flood to service ports and from-mesh"))
+    return frozenset(f)
+
+
+def desired_state(cfg: HostConfig, ports: Ports) -> DesiredState:
+    """Flows for both bridges. Raises PipelineError if a flow breaks the declaration."""
+    mesh_name, sock_name = cfg.bridges.mesh.name, cfg.bridges.socket.name
+    state = {
+        mesh_name: mesh_flows(cfg, ports.get(mesh_name, {})),
+        sock_name: socket_flows(cfg, ports.get(sock_name, {})),
+    }
+    check_flows(MESH_PIPELINE, state[mesh_name])
+    check_flows(SOCKET_PIPELINE, state[sock_name])
+    return state

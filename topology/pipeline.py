@@ -1,0 +1,170 @@
+"""The OpenFlow pipeline of each bridge, declared once as data.
+
+Every flow socknet computes is checked against this declaration
+(`check_flows`): its table must exist, it may only match the fields its table
+declares, it may only go forward to a declared table, and every table ends in
+a catch-all that drops or goes on (default deny). `docs/pipeline.md` is
+generated from the same data (`pipeline_markdown`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from topology.model import Flow, Resubmit
+
+# Register use on vmbr0 (one place, so tables and tests agree).
+REG_CLASS = "reg0"  # class of the ingress port, set in `classify`
+REG_OUT = "reg1"  # output port found by a privacy-host lookup (0 = unknown)
+
+# Port classes carried in REG_CLASS.
+CLASS_MESH = 1
+CLASS_WARP = 2
+CLASS_PRIVACY = 3
+CLASS_SERVICE = 4
+
+# Conntrack zone for connections the mesh opens towards privacy containers.
+ZONE_PRIVACY = 1
+
+LEARN_IDLE_TIMEOUT = 300
+
+
+@dataclass(frozen=True)
+class Table:
+    number: int
+    name: str
+    purpose: str
+    matches: frozenset[str]
+    reserved: bool = False  # a slot kept for a later stage (e.g. tier policy)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    role: str  # "mesh" or "socket"
+    tables: tuple[Table, ...]
+
+    def by_name(self, name: str) -> Table:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+    def by_number(self, number: int) -> Table | None:
+        for table in self.tables:
+            if table.number == number:
+                return table
+        return None
+
+    def __getitem__(self, name: str) -> int:
+        return self.by_name(name).number
+
+
+def _t(number: int, name: str, purpose: str, matches: Iterable[str], reserved: bool = False) -> Table:
+    return Table(number, name, purpose, frozenset(matches), reserved)
+
+
+_L2 = ("eth_dst", "eth_src", "eth_type")
+_ARP = ("arp_op", "arp_tpa", "arp_spa", "arp_sha", "arp_tha")
+_L3 = ("ipv4_src", "ipv4_dst", "ip_proto")
+_L4 = ("tcp_src", "tcp_dst", "udp_src", "udp_dst", "icmpv4_type", "icmpv4_code")
+
+MESH_PIPELINE = Pipeline(
+    role="mesh",
+    tables=(
+        _t(0, "mesh_isolation", "mesh uplink(s) <-> to-socket only; everything else dropped",
+           ["in_port"]),
+    ),
+)
+
+SOCKET_PIPELINE = Pipeline(
+    role="socket",
+    tables=(
+        _t(0, "classify", "tag the ingress port's class in reg0, learn container MACs; "
+           "unknown ports dropped", ["in_port"]),
+        _t(10, "spoof_guard", "reserved: anti-spoofing (own MAC/IP only) before policy",
+           ("in_port", REG_CLASS, *_L2, *_ARP, *_L3), reserved=True),
+        _t(20, "policy", "reserved: tier east-west policy (conjunctive, stateful)",
+           ("in_port", REG_CLASS, *_L2, *_L3, *_L4, "ct_state", "ct_zone", "ct_mark",
+            "ct_label", "conj_id"), reserved=True),
+        _t(30, "dispatch", "send each port class to its forwarding stage",
+           (REG_CLASS, "eth_type", "arp_op", "arp_tpa")),
+        _t(35, "privacy_egress", "privacy containers: ARP/non-IP to WARP only, IPv4 to conntrack",
+           (REG_CLASS, "eth_type")),
+        _t(36, "privacy_ct", "privacy containers: replies to mesh-opened connections back to "
+           "the mesh, everything else to WARP only (kill switch: no WARP port, no flow)",
+           ("ct_state", "eth_type")),
+        _t(37, "mesh_reply_l2", "learned: mesh host IPv4 -> its MAC, set as eth_dst on "
+           "privacy replies towards the mesh", ("eth_type", "ipv4_dst")),
+        _t(38, "privacy_lookup", "mesh/WARP traffic: look up which privacy container owns "
+           "eth_dst (reg1)", (REG_CLASS,)),
+        _t(40, "privacy_hosts", "privacy container MAC -> port (declared or learned), "
+           "loaded into reg1", ("eth_dst",)),
+        _t(42, "privacy_deliver", "deliver to the privacy container in reg1 (mesh: commit "
+           "to conntrack); misses from the mesh go to service switching",
+           (REG_CLASS, REG_OUT, "eth_dst", "eth_type")),
+        _t(50, "service_l2", "service containers + from-mesh: learned MAC switching, "
+           "flood to service ports and from-mesh only", ("eth_dst",)),
+    ),
+)
+
+PIPELINES = {"mesh": MESH_PIPELINE, "socket": SOCKET_PIPELINE}
+
+
+class PipelineError(ValueError):
+    pass
+
+
+def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
+    """Raise PipelineError naming every flow that breaks the declaration."""
+    problems: list[str] = []
+    flows = list(flows)
+    catch_all: set[int] = set()
+    for f in flows:
+        table = pipeline.by_number(f.table)
+        if table is None:
+            problems.append(f"table {f.table} is not declared in the {pipeline.role} pipeline")
+            continue
+        extra = {name for name, _ in f.match} - table.matches
+        if extra:
+            problems.append(f"table {table.name} may not match {sorted(extra)}: {f}")
+        if f.goto is not None:
+            target = pipeline.by_number(f.goto)
+            if target is None or f.goto <= f.table:
+                problems.append(f"table {table.name}: goto {f.goto} is not a later declared table")
+        for action in f.actions:
+            if isinstance(action, Resubmit) and pipeline.by_number(action.table) is None:
+                problems.append(f"table {table.name}: resubmit to undeclared table {action.table}")
+        if not f.match and f.priority == 0:
+            catch_all.add(f.table)
+    for table in pipeline.tables:
+        if table.number not in catch_all:
+            problems.append(f"table {table.name} has no priority-0 catch-all (default deny)")
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+def pipeline_markdown() -> str:
+    lines = [
+        "# socknet OpenFlow pipeline",
+        "",
+        "Generated from `topology/pipeline.py` (`socknet pipeline`); one line per table, "
+        "in packet order. Every table ends in a priority-0 catch-all that drops or goes on.",
+        "",
+    ]
+    for role, pipeline in PIPELINES.items():
+        bridge = "mesh" if role == "mesh" else "vmbr0 (socket network)"
+        lines += [f"## {bridge}", "", "| table | name | purpose | matches |", "|---|---|---|---|"]
+        for t in pipeline.tables:
+            purpose = t.purpose
+            lines.append(f"| {t.number} | `{t.name}` | {purpose} | {', '.join(sorted(t.matches))} |")
+        lines.append("")
+    lines += [
+        "Registers on vmbr0: `reg0` = ingress port class (1 from-mesh, 2 WARP, 3 privacy, "
+        "4 service); `reg1` = privacy container port found by `privacy_lookup`.",
+        "",
+        f"Conntrack zone {ZONE_PRIVACY}: connections opened from the mesh towards privacy "
+        "containers (their replies may go back to the mesh, nothing else may).",
+        "",
+    ]
+    return "\n".join(lines)

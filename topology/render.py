@@ -1,0 +1,132 @@
+"""Flows as `ovs-ofctl add-flows` text: what `socknet flows` prints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from topology.model import (
+    CT_STATE_BITS,
+    LEARNED_COOKIE,
+    Action,
+    Ct,
+    Flow,
+    Learn,
+    MatchValue,
+    MoveField,
+    Output,
+    OutputReg,
+    Resubmit,
+    SetField,
+    SetReg,
+)
+
+OFCTL_FIELD = {
+    "in_port": "in_port",
+    "eth_src": "dl_src",
+    "eth_dst": "dl_dst",
+    "eth_type": "dl_type",
+    "arp_op": "arp_op",
+    "arp_spa": "arp_spa",
+    "arp_tpa": "arp_tpa",
+    "arp_sha": "arp_sha",
+    "arp_tha": "arp_tha",
+    "ipv4_src": "nw_src",
+    "ipv4_dst": "nw_dst",
+    "ip_proto": "nw_proto",
+    "tcp_src": "tcp_src",
+    "tcp_dst": "tcp_dst",
+    "udp_src": "udp_src",
+    "udp_dst": "udp_dst",
+    "icmpv4_type": "icmp_type",
+    "icmpv4_code": "icmp_code",
+    "ct_state": "ct_state",
+    "ct_zone": "ct_zone",
+    "ct_mark": "ct_mark",
+    "ct_label": "ct_label",
+    "conj_id": "conj_id",
+    **{f"reg{i}": f"reg{i}" for i in range(8)},
+}
+
+
+def _ct_state_text(value: int, mask: int) -> str:
+    out = []
+    for name, bit in CT_STATE_BITS.items():
+        if mask & bit:
+            out.append(("+" if value & bit else "-") + name)
+    return "".join(out)
+
+
+def match_text(name: str, value: MatchValue) -> str:
+    field = OFCTL_FIELD[name]
+    if name == "ct_state":
+        assert isinstance(value, tuple)
+        return f"ct_state={_ct_state_text(int(value[0]), int(value[1]))}"
+    if name == "eth_type":
+        return f"dl_type=0x{int(value):04x}"  # type: ignore[arg-type]
+    if isinstance(value, tuple):
+        v, m = value
+        v_text = f"0x{v:x}" if isinstance(v, int) else v
+        m_text = f"0x{m:x}" if isinstance(m, int) else m
+        return f"{field}={v_text}/{m_text}"
+    return f"{field}={value}"
+
+
+def action_text(action: Action) -> str:
+    match action:
+        case Output(port=port):
+            if port == "IN_PORT":
+                return "in_port"
+            return f"output:{port}"
+        case OutputReg(reg=reg):
+            return f"output:NXM_NX_{reg.upper()}[0..15]"
+        case SetReg(reg=reg, value=value):
+            return f"load:0x{value:x}->NXM_NX_{reg.upper()}[]"
+        case SetField(field=field, value=value):
+            return f"set_field:{value}->{OFCTL_FIELD[field]}"
+        case MoveField(src=src, dst=dst):
+            return f"move:{src}->{dst}"
+        case Resubmit(table=table):
+            return f"resubmit(,{table})"
+        case Ct(zone=zone, commit=commit, table=table):
+            parts = (["commit"] if commit else []) + [f"zone={zone}"]
+            if table is not None:
+                parts.append(f"table={table}")
+            return f"ct({','.join(parts)})"
+        case Learn(table=table, priority=priority, idle_timeout=idle, specs=specs):
+            parts = [f"table={table}", f"idle_timeout={idle}", f"priority={priority}",
+                     f"cookie=0x{LEARNED_COOKIE:x}"]
+            for spec in specs:
+                if spec.kind == "match":
+                    parts.append(f"{spec.dst}={spec.src}")
+                elif spec.kind == "load":
+                    parts.append(f"load:{spec.src}->{spec.dst}")
+                else:
+                    parts.append(f"output:{spec.src}")
+            return f"learn({','.join(parts)})"
+    raise TypeError(f"cannot render action {action!r}")
+
+
+def flow_text(flow: Flow) -> str:
+    head = [f"cookie=0x{flow.cookie:x}", f"table={flow.table}", f"priority={flow.priority}"]
+    if flow.idle_timeout:
+        head.append(f"idle_timeout={flow.idle_timeout}")
+    if flow.hard_timeout:
+        head.append(f"hard_timeout={flow.hard_timeout}")
+    head += [match_text(name, value) for name, value in flow.match]
+    acts = [action_text(a) for a in flow.actions]
+    if flow.goto is not None:
+        acts.append(f"goto_table:{flow.goto}")
+    return ",".join(head) + " actions=" + (",".join(acts) if acts else "drop")
+
+
+def sort_key(flow: Flow) -> tuple[int, int, str]:
+    return (flow.table, -flow.priority, repr(flow.match))
+
+
+def flows_text(flows: Iterable[Flow], *, comments: bool = False) -> str:
+    lines = []
+    for f in sorted(flows, key=sort_key):
+        if comments and f.note:
+            lines.append(f"# {f.note}")
+        lines.append(flow_text(f))
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,61 @@
+"""Which role a port plays, from its bridge and its name."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from topology.config import HostConfig
+
+# seed style veth100 / veth100i0, Proxmox tap<vmid>i<n> (VMs) and fwln<vmid>o<n> (firewall on)
+_CONTAINER_PORT = re.compile(
+    r"^(?:veth(?P<veth>\d+)(?:i\d+)?|tap(?P<tap>\d+)i\d+|fwln(?P<fwln>\d+)o\d+)$"
+)
+
+
+class Role(str, Enum):
+    MESH_UPLINK = "mesh-uplink"
+    TO_SOCKET = "to-socket"
+    FROM_MESH = "from-mesh"
+    WARP = "warp"
+    PRIVACY = "privacy"
+    SERVICE = "service"
+    UNKNOWN = "unknown"  # anything else: dropped at ingress
+
+
+@dataclass(frozen=True)
+class PortRole:
+    role: Role
+    vmid: int | None = None
+
+
+def container_vmid(name: str) -> int | None:
+    m = _CONTAINER_PORT.match(name)
+    if not m:
+        return None
+    return int(next(g for g in m.groups() if g is not None))
+
+
+def classify_port(cfg: HostConfig, bridge: str, name: str) -> PortRole:
+    mesh, sock = cfg.bridges.mesh, cfg.bridges.socket
+    if bridge == mesh.name:
+        if name == mesh.to_socket:
+            return PortRole(Role.TO_SOCKET)
+        if any(fnmatch.fnmatchcase(name, pat) for pat in mesh.uplinks):
+            return PortRole(Role.MESH_UPLINK)
+        return PortRole(Role.UNKNOWN)
+    if bridge == sock.name:
+        if name == sock.from_mesh:
+            return PortRole(Role.FROM_MESH)
+        if name == sock.warp:
+            return PortRole(Role.WARP)
+        vmid = container_vmid(name)
+        if vmid is not None:
+            if vmid in sock.privacy_ids:
+                return PortRole(Role.PRIVACY, vmid)
+            if vmid in sock.service_ids:
+                return PortRole(Role.SERVICE, vmid)
+        return PortRole(Role.UNKNOWN, vmid)
+    return PortRole(Role.UNKNOWN)
