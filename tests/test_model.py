@@ -9,8 +9,8 @@ from topology.model import (
     LEARNED_COOKIE,
     Output,
     Owner,
-    ct_state,
     cookie_owner,
+    ct_state,
     flow,
 )
 from topology.pipeline import (

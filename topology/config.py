@@ -250,7 +250,8 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{path}:{line}: YAML syntax error: {getattr(exc, 'problem', exc)}"])
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError([f"{path}:{line}: YAML syntax error: {problem}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: (top level): expected a mapping of settings"])
     try:

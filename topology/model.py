@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Union
 
 COOKIE_MAGIC = 0x5C  # top byte of every socknet cookie: "this flow is ours"
 COOKIE_MAGIC_SHIFT = 56
@@ -55,7 +54,7 @@ def cookie_owner(cookie: int) -> Owner | None:
 
 # ---------------------------------------------------------------- match values
 
-MatchValue = Union[int, str, tuple[int, int], tuple[str, str]]
+MatchValue = int | str | tuple[int, int] | tuple[str, str]
 
 CT_STATE_BITS = {
     "new": 0x01,
@@ -179,7 +178,7 @@ def learn_mac_to_port(table: int, priority: int, idle_timeout: int,
                  (LearnSpec("match", "NXM_OF_ETH_SRC[]", "NXM_OF_ETH_DST[]"), last))
 
 
-Action = Union[Output, OutputReg, SetReg, SetField, MoveField, Resubmit, Ct, Learn]
+Action = Output | OutputReg | SetReg | SetField | MoveField | Resubmit | Ct | Learn
 
 
 # ---------------------------------------------------------------- flows

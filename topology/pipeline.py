@@ -60,7 +60,9 @@ class Pipeline:
         return self.by_name(name).number
 
 
-def _t(number: int, name: str, purpose: str, matches: Iterable[str], reserved: bool = False) -> Table:
+def _t(
+    number: int, name: str, purpose: str, matches: Iterable[str], reserved: bool = False
+) -> Table:
     return Table(number, name, purpose, frozenset(matches), reserved)
 
 
@@ -156,8 +158,8 @@ def pipeline_markdown() -> str:
         bridge = "mesh" if role == "mesh" else "vmbr0 (socket network)"
         lines += [f"## {bridge}", "", "| table | name | purpose | matches |", "|---|---|---|---|"]
         for t in pipeline.tables:
-            purpose = t.purpose
-            lines.append(f"| {t.number} | `{t.name}` | {purpose} | {', '.join(sorted(t.matches))} |")
+            matches = ", ".join(sorted(t.matches))
+            lines.append(f"| {t.number} | `{t.name}` | {t.purpose} | {matches} |")
         lines.append("")
     lines += [
         "Registers on vmbr0: `reg0` = ingress port class (1 from-mesh, 2 WARP, 3 privacy, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from topology.config import HostConfig
 
@@ -15,7 +15,7 @@ _CONTAINER_PORT = re.compile(
 )
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     MESH_UPLINK = "mesh-uplink"
     TO_SOCKET = "to-socket"
     FROM_MESH = "from-mesh"

@@ -1,0 +1,1 @@
+"""socknet controller: os-ken apps, flow encoding and reconciliation."""

@@ -1,0 +1,167 @@
+"""The `socknet` command. Exit status: 0 ok, 1 check failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from topology.config import ConfigError, HostConfig, load_host_config
+from topology.roles import Role, classify_port
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# python-ovs imports eventlet when it is installed (os-ken pulls it in) and eventlet
+# warns about itself on import; socknet runs os-ken on native threads.
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+
+def _fail(lines: list[str], code: int) -> None:
+    for line in lines:
+        click.echo(f"socknet: {line}", err=True)
+    sys.exit(code)
+
+
+def _load(path: str) -> HostConfig:
+    try:
+        return load_host_config(path)
+    except ConfigError as exc:
+        _fail(exc.problems, EXIT_BAD_INPUT)
+        raise  # unreachable
+
+
+def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    @click.option("-c", "--config", "config_path", required=True, type=click.Path(),
+                  help="host.yaml of this Proxmox host")
+    @wraps(f)
+    def wrapper(config_path: str, **kw: Any) -> Any:
+        return f(_load(config_path), **kw)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """socknet: OpenFlow controller for the mesh and vmbr0 bridges."""
+
+
+@main.command()
+@_config_option
+def validate(cfg: HostConfig) -> None:
+    """Check host.yaml and exit (2 with file:line: field: reason if invalid)."""
+    click.echo(f"ok: {cfg.host}: bridges {cfg.bridges.mesh.name}, {cfg.bridges.socket.name}")
+
+
+def _parse_ports(cfg: HostConfig, specs: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """NAME=OFPORT or BRIDGE:NAME=OFPORT; a bare name goes to the bridge where it has a role."""
+    mesh, sock = cfg.bridges.mesh.name, cfg.bridges.socket.name
+    ports: dict[str, dict[str, int]] = {mesh: {}, sock: {}}
+    problems = []
+    for spec in specs:
+        left, sep, num = spec.partition("=")
+        bridge, _, name = left.rpartition(":")
+        if not sep or not name or not num.isdigit() or not 0 < int(num) < 0xFF00:
+            problems.append(f"--port {spec!r}: expected NAME=OFPORT (OFPORT 1-65279)")
+            continue
+        if not bridge:
+            bridge = mesh if classify_port(cfg, mesh, name).role is not Role.UNKNOWN else sock
+        if bridge not in ports:
+            problems.append(f"--port {spec!r}: unknown bridge {bridge!r}")
+            continue
+        if int(num) in ports[bridge].values():
+            problems.append(f"--port {spec!r}: ofport {num} used twice on {bridge}")
+            continue
+        ports[bridge][name] = int(num)
+    if problems:
+        _fail(problems, EXIT_BAD_INPUT)
+    return ports
+
+
+@main.command()
+@_config_option
+@click.option("--port", "port_specs", multiple=True, metavar="[BRIDGE:]NAME=OFPORT",
+              help="a port and its OpenFlow number (repeat)")
+@click.option("--bridge", help="print only this bridge (output loads with ovs-ofctl add-flows)")
+@click.option("--comments/--no-comments", default=False, help="explain each flow")
+def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
+          comments: bool) -> None:
+    """Print, offline, the exact flows the controller would install."""
+    from topology.flows import desired_state
+    from topology.render import flows_text
+
+    state = desired_state(cfg, _parse_ports(cfg, port_specs))
+    if bridge is not None and bridge not in state:
+        _fail([f"--bridge {bridge!r}: not a bridge of this host ({', '.join(state)})"],
+              EXIT_BAD_INPUT)
+    for name, fl in state.items():
+        if bridge is not None and name != bridge:
+            continue
+        if bridge is None:
+            click.echo(f"# bridge {name}")
+        click.echo(flows_text(fl, comments=comments), nl=False)
+
+
+@main.command()
+def pipeline() -> None:
+    """Print the declared pipeline (the text of docs/pipeline.md)."""
+    from topology.pipeline import pipeline_markdown
+
+    click.echo(pipeline_markdown(), nl=False)
+
+
+@main.command()
+@_config_option
+def bootstrap(cfg: HostConfig) -> None:
+    """Create/repair the mesh and vmbr0 bridges and the to-socket/from-mesh pair."""
+    from controller.bootstrap import BootstrapError
+    from controller.bootstrap import bootstrap as do_bootstrap
+
+    try:
+        result = do_bootstrap(cfg)
+    except BootstrapError as exc:
+        _fail([str(exc)], EXIT_FAILED)
+    changes = list(getattr(result, "changes", []) or [])
+    if changes:
+        for change in changes:
+            click.echo(f"changed: {change}")
+    else:
+        click.echo("nothing to do: bridges already as configured")
+
+
+@main.command()
+@_config_option
+@click.option("--audit-interval", default=30.0, show_default=True,
+              help="seconds between re-reads of the switches' flows")
+@click.option("--log-level", default="info", show_default=True)
+def run(cfg: HostConfig, audit_interval: float, log_level: str) -> None:
+    """Run the OpenFlow controller (JSON logs on stderr)."""
+    from controller.logs import setup_logging
+    from controller.service import run_controller
+
+    setup_logging(log_level)
+    run_controller(cfg, audit_interval_s=audit_interval)
+
+
+@main.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+def status(cfg: HostConfig, as_json: bool) -> None:
+    """Bridges, ports and their roles, controller connection, flows per table."""
+    from controller.status import collect_status, format_status
+
+    data = collect_status(cfg)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo(format_status(data), nl=False)
+    if data.get("problems"):
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""Flow values -> os-ken OpenFlow 1.4 messages: flow-mods, deletes and bundles.
+
+Every `topology.model` action maps onto exactly the wire action that
+``ovs-ofctl`` itself produces for the text `topology.render` prints, so what
+``socknet flows`` shows is what the controller sends (tests/test_encode.py
+decodes both with ``ovs-ofctl ofp-parse`` / ``parse-flows`` and compares):
+
+=========================  ===========================================================
+model                      os-ken (OpenFlow 1.4 + Nicira extensions)
+=========================  ===========================================================
+Output(3 / "IN_PORT")      OFPActionOutput(port, max_len=0)
+OutputReg("reg1")          NXActionOutputReg(ofs_nbits(0, 15), "reg1", max_len=0xffff)
+SetReg("reg0", v)          NXActionRegLoad(ofs_nbits(0, 31), "reg0", v)  ("load:", not
+                           RegLoad2/SetField: those decode as "set_field:v->reg0")
+SetField(f, v)             OFPActionSetField(f=v)
+MoveField(src, dst)        NXActionRegMove(src_field, dst_field, n_bits, src_ofs, dst_ofs)
+Resubmit(t)                NXActionResubmitTable(in_port=0xfff8, table_id=t)
+Ct(zone, commit, table)    NXActionCT(flags, zone_src="", zone_ofs_nbits=zone, table|0xff)
+Learn(...)                 NXActionLearn(table_id, specs=[NXFlowSpecMatch/Load/Output])
+=========================  ===========================================================
+
+NXM names ("NXM_OF_ETH_SRC[]", "NXM_NX_REG1[0..15]") map onto os-ken's
+NXM-class field names (``eth_src_nxm``, ``reg1``; see `NXM_FIELDS`), so a
+subfield keeps the width OVS gives it (NXM_OF_IN_PORT is 16 bits, OXM in_port 32).
+
+Speed: building and serializing one OFPFlowMod costs tens of microseconds in
+os-ken. `flow_mod_add` caches, per (parser, Flow), the OFPMatch, the
+instructions and their serialized bytes; the message it returns serializes by
+packing the 40 fixed bytes and appending the cached tail.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol
+
+from os_ken.lib.pack_utils import msg_pack_into
+from os_ken.ofproto import nicira_ext
+
+from topology.model import (
+    ALL_ONES64,
+    LEARNED_COOKIE,
+    Action,
+    Ct,
+    Flow,
+    Learn,
+    LearnSpec,
+    MoveField,
+    Output,
+    OutputReg,
+    Resubmit,
+    SetField,
+    SetReg,
+)
+
+CACHE_SIZE = 1 << 18  # encoded flows kept per process (a few hundred bytes each)
+
+BUNDLE_FLAGS_NAMES = ("OFPBF_ATOMIC", "OFPBF_ORDERED")
+
+# NXM name -> os-ken field name. The *_nxm names carry the NXM header (class 0/1)
+# and the NXM width, exactly what ovs-ofctl means by the NXM name.
+NXM_FIELDS: dict[str, str] = {
+    "NXM_OF_IN_PORT": "in_port_nxm",
+    "NXM_OF_ETH_DST": "eth_dst_nxm",
+    "NXM_OF_ETH_SRC": "eth_src_nxm",
+    "NXM_OF_ETH_TYPE": "eth_type_nxm",
+    "NXM_OF_VLAN_TCI": "vlan_tci",
+    "NXM_OF_IP_TOS": "nw_tos",
+    "NXM_OF_IP_PROTO": "ip_proto_nxm",
+    "NXM_OF_IP_SRC": "ipv4_src_nxm",
+    "NXM_OF_IP_DST": "ipv4_dst_nxm",
+    "NXM_OF_TCP_SRC": "tcp_src_nxm",
+    "NXM_OF_TCP_DST": "tcp_dst_nxm",
+    "NXM_OF_UDP_SRC": "udp_src_nxm",
+    "NXM_OF_UDP_DST": "udp_dst_nxm",
+    "NXM_OF_ICMP_TYPE": "icmpv4_type_nxm",
+    "NXM_OF_ICMP_CODE": "icmpv4_code_nxm",
+    "NXM_OF_ARP_OP": "arp_op_nxm",
+    "NXM_OF_ARP_SPA": "arp_spa_nxm",
+    "NXM_OF_ARP_TPA": "arp_tpa_nxm",
+    "NXM_NX_TUN_ID": "tunnel_id_nxm",
+    "NXM_NX_ARP_SHA": "arp_sha_nxm",
+    "NXM_NX_ARP_THA": "arp_tha_nxm",
+    "NXM_NX_IP_TTL": "nw_ttl",
+    "NXM_NX_PKT_MARK": "pkt_mark",
+    "NXM_NX_CT_STATE": "ct_state",
+    "NXM_NX_CT_ZONE": "ct_zone",
+    "NXM_NX_CT_MARK": "ct_mark",
+    "NXM_NX_CT_LABEL": "ct_label",
+    "NXM_NX_CONJ_ID": "conj_id",
+    **{f"NXM_NX_REG{i}": f"reg{i}" for i in range(16)},
+    **{f"NXM_NX_XXREG{i}": f"xxreg{i}" for i in range(4)},
+}
+
+_SUBFIELD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\[(?:(?P<start>\d+)(?:\.\.(?P<end>\d+))?)?\]$")
+_IMMEDIATE_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]+|\d+)$")
+_IN_PORT_16 = 0xFFF8  # OFPP_IN_PORT in 16 bits: "resubmit(,T)" keeps the in_port
+_OUTPUT_REG_MAX_LEN = 0xFFFF  # what ovs-ofctl puts in output:<subfield>
+
+
+class DatapathLike(Protocol):
+    """An os-ken Datapath, or anything with its ``ofproto`` / ``ofproto_parser`` modules."""
+
+    ofproto: ModuleType
+    ofproto_parser: ModuleType
+
+
+@dataclass(frozen=True)
+class Subfield:
+    """A parsed "NXM_NX_REG1[0..15]": os-ken field name, first bit, number of bits."""
+
+    field: str
+    ofs: int
+    n_bits: int
+
+    @property
+    def ofs_nbits(self) -> int:
+        return nicira_ext.ofs_nbits(self.ofs, self.ofs + self.n_bits - 1)
+
+
+# ---------------------------------------------------------------- fields
+
+
+@functools.cache
+def _field_widths(ofproto: ModuleType) -> dict[str, int]:
+    return {f.name: f.type.size * 8 for f in ofproto.oxm_types}
+
+
+def field_bits(ofproto: ModuleType, field: str) -> int:
+    """Width in bits of an os-ken field name (``reg1`` -> 32, ``in_port_nxm`` -> 16)."""
+    try:
+        return _field_widths(ofproto)[field]
+    except KeyError:
+        raise ValueError(f"unknown os-ken field {field!r}") from None
+
+
+def _oskn_field(name: str, ofproto: ModuleType) -> str:
+    if name in NXM_FIELDS:
+        return NXM_FIELDS[name]
+    if name in _field_widths(ofproto):  # already an os-ken name ("reg1", "eth_src")
+        return name
+    raise ValueError(f"unknown NXM field {name!r} (add it to controller.encode.NXM_FIELDS)")
+
+
+@functools.cache
+def parse_subfield(text: str, ofproto: ModuleType) -> Subfield:
+    """ "NXM_OF_ETH_SRC[]" / "NXM_NX_REG1[0..15]" / "NXM_NX_REG1[3]" -> Subfield."""
+    m = _SUBFIELD_RE.match(text.strip())
+    if m is None:
+        raise ValueError(f"bad subfield {text!r}: expected NAME[], NAME[a..b] or NAME[a]")
+    field = _oskn_field(m["name"], ofproto)
+    width = field_bits(ofproto, field)
+    if m["start"] is None:
+        start, end = 0, width - 1
+    else:
+        start = int(m["start"])
+        end = int(m["end"]) if m["end"] is not None else start
+    if not 0 <= start <= end < width:
+        raise ValueError(f"bad bit range in {text!r}: field is {width} bits")
+    return Subfield(field, start, end - start + 1)
+
+
+def _is_immediate(text: str) -> bool:
+    return bool(_IMMEDIATE_RE.match(text.strip()))
+
+
+# ---------------------------------------------------------------- actions
+
+
+def _port_number(ofproto: ModuleType, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    if port.isdigit():
+        return int(port)
+    number = getattr(ofproto, f"OFPP_{port.upper()}", None)
+    if not isinstance(number, int):
+        raise ValueError(f"unknown reserved port {port!r}")
+    return number
+
+
+def _learn_spec(parser: ModuleType, ofproto: ModuleType, spec: LearnSpec) -> Any:
+    if spec.kind == "output":
+        src = parse_subfield(spec.src, ofproto)
+        return parser.NXFlowSpecOutput(src=(src.field, src.ofs), n_bits=src.n_bits, dst="")
+    if spec.kind not in ("match", "load"):
+        raise ValueError(f"unknown learn spec kind {spec.kind!r}")
+    dst = parse_subfield(spec.dst, ofproto)
+    src_value: int | tuple[str, int]
+    if _is_immediate(spec.src):
+        value = int(spec.src, 0)
+        if value >> dst.n_bits:
+            raise ValueError(f"learn immediate {spec.src} does not fit {spec.dst}")
+        src_value = value
+    else:
+        src = parse_subfield(spec.src, ofproto)
+        if src.n_bits != dst.n_bits:
+            raise ValueError(f"learn {spec.src} -> {spec.dst}: widths differ "
+                             f"({src.n_bits} vs {dst.n_bits} bits)")
+        src_value = (src.field, src.ofs)
+    cls = parser.NXFlowSpecMatch if spec.kind == "match" else parser.NXFlowSpecLoad
+    return cls(src=src_value, dst=(dst.field, dst.ofs), n_bits=dst.n_bits)
+
+
+def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> Any:
+    """One model action -> one os-ken action object."""
+    match action:
+        case Output(port=port):
+            number = _port_number(ofproto, port)
+            max_len = ofproto.OFPCML_NO_BUFFER if number == ofproto.OFPP_CONTROLLER else 0
+            return parser.OFPActionOutput(number, max_len)
+        case OutputReg(reg=reg):
+            src = parse_subfield(f"{reg}[0..15]", ofproto)
+            return parser.NXActionOutputReg(ofs_nbits=src.ofs_nbits, src=src.field,
+                                            max_len=_OUTPUT_REG_MAX_LEN)
+        case SetReg(reg=reg, value=value):
+            width = field_bits(ofproto, _oskn_field(reg, ofproto))
+            if width > 64 or not 0 <= value < (1 << width):
+                raise ValueError(f"SetReg {reg}={value:#x}: does not fit a {width}-bit load")
+            return parser.NXActionRegLoad(ofs_nbits=nicira_ext.ofs_nbits(0, width - 1),
+                                          dst=_oskn_field(reg, ofproto), value=value)
+        case SetField(field=field, value=value):
+            return parser.OFPActionSetField(**{field: value})
+        case MoveField(src=src_text, dst=dst_text):
+            src = parse_subfield(src_text, ofproto)
+            dst = parse_subfield(dst_text, ofproto)
+            if src.n_bits != dst.n_bits:
+                raise ValueError(f"move {src_text} -> {dst_text}: widths differ "
+                                 f"({src.n_bits} vs {dst.n_bits} bits)")
+            return parser.NXActionRegMove(src_field=src.field, dst_field=dst.field,
+                                          n_bits=src.n_bits, src_ofs=src.ofs, dst_ofs=dst.ofs)
+        case Resubmit(table=table):
+            return parser.NXActionResubmitTable(in_port=_IN_PORT_16, table_id=table)
+        case Ct(zone=zone, commit=commit, table=table):
+            return parser.NXActionCT(
+                flags=nicira_ext.NX_CT_F_COMMIT if commit else 0,
+                zone_src="",  # empty: zone_ofs_nbits holds the immediate zone
+                zone_ofs_nbits=zone,
+                recirc_table=nicira_ext.NX_CT_RECIRC_NONE if table is None else table,
+                alg=0,
+                actions=[],
+            )
+        case Learn(table=table, priority=priority, idle_timeout=idle, specs=specs):
+            return parser.NXActionLearn(
+                table_id=table,
+                specs=[_learn_spec(parser, ofproto, s) for s in specs],
+                idle_timeout=idle,
+                hard_timeout=0,
+                priority=priority,
+                cookie=LEARNED_COOKIE,
+                flags=0,
+            )
+    raise TypeError(f"cannot encode action {action!r}")
+
+
+# ---------------------------------------------------------------- flows (cached)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A Flow in os-ken terms. Shared between messages: never mutate."""
+
+    cookie: int
+    match: Any  # OFPMatch
+    instructions: tuple[Any, ...]  # OFPInstruction*
+    tail: bytes  # match + instructions, serialized
+
+
+def _serialize_tail(match: Any, instructions: Sequence[Any]) -> bytes:
+    buf = bytearray()
+    offset = match.serialize(buf, 0)
+    for inst in instructions:
+        inst.serialize(buf, offset)
+        offset += inst.len
+    return bytes(buf)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _encoded(parser: ModuleType, flow: Flow) -> Encoded:
+    ofproto = parser.ofproto
+    match = parser.OFPMatch(**dict(flow.match))
+    instructions: list[Any] = []
+    if flow.actions:
+        actions = [encode_action(parser, ofproto, a) for a in flow.actions]
+        instructions.append(parser.OFPInstructionActions(ofproto.OFPIT_APPLY_ACTIONS, actions))
+    if flow.goto is not None:
+        instructions.append(parser.OFPInstructionGotoTable(flow.goto))
+    return Encoded(flow.cookie, match, tuple(instructions), _serialize_tail(match, instructions))
+
+
+def encoded(dp: DatapathLike, flow: Flow) -> Encoded:
+    """The cached os-ken encoding of ``flow`` (built on first use)."""
+    return _encoded(dp.ofproto_parser, flow)
+
+
+def cache_info() -> Any:
+    """``functools`` cache statistics of the per-Flow encoding cache."""
+    return _encoded.cache_info()
+
+
+def cache_clear() -> None:
+    """Forget every cached encoding (tests; or to release memory after a large churn)."""
+    _encoded.cache_clear()
+
+
+@functools.cache
+def _fast_flow_mod_class(parser: ModuleType) -> type:
+    """An OFPFlowMod subclass serializing from an `Encoded` tail when it still applies."""
+    base = parser.OFPFlowMod
+    ofproto = parser.ofproto
+    head_fmt = ofproto.OFP_FLOW_MOD_PACK_STR0
+    header_size = ofproto.OFP_HEADER_SIZE
+
+    def _serialize_body(self: Any) -> None:
+        enc: Encoded | None = self._encoded
+        if enc is None or self.match is not enc.match or self.instructions is not enc.instructions:
+            base._serialize_body(self)  # someone replaced match/instructions: slow path
+            return
+        msg_pack_into(head_fmt, self.buf, header_size,
+                      self.cookie, self.cookie_mask, self.table_id, self.command,
+                      self.idle_timeout, self.hard_timeout, self.priority, self.buffer_id,
+                      self.out_port, self.out_group, self.flags, self.importance)
+        self.buf += enc.tail
+
+    cls = type("OFPFlowMod", (base,), {
+        "_serialize_body": _serialize_body,
+        "_encoded": None,
+        "__module__": __name__,
+        "__doc__": "OFPFlowMod whose match and instructions come pre-serialized.",
+    })
+    return cls
+
+
+def flow_mod_add(dp: DatapathLike, flow: Flow) -> Any:
+    """OFPFC_ADD for ``flow``: a fresh message (xid unset) over cached match/instructions."""
+    ofproto = dp.ofproto
+    enc = _encoded(dp.ofproto_parser, flow)
+    msg = _fast_flow_mod_class(dp.ofproto_parser)(
+        dp,
+        cookie=enc.cookie,
+        cookie_mask=0,
+        table_id=flow.table,
+        command=ofproto.OFPFC_ADD,
+        idle_timeout=flow.idle_timeout,
+        hard_timeout=flow.hard_timeout,
+        priority=flow.priority,
+        buffer_id=ofproto.OFP_NO_BUFFER,
+        out_port=ofproto.OFPP_ANY,
+        out_group=ofproto.OFPG_ANY,
+        flags=0,
+        match=enc.match,
+        instructions=enc.instructions,
+    )
+    msg.instructions = enc.instructions  # OFPFlowMod turns an empty tuple into a new []
+    msg._encoded = enc
+    return msg
+
+
+# ---------------------------------------------------------------- deletes
+
+
+def _delete(dp: DatapathLike, command: int, *, table: int, cookie: int, cookie_mask: int,
+            out_port: int | None = None, priority: int = 0, match: Any = None) -> Any:
+    ofproto, parser = dp.ofproto, dp.ofproto_parser
+    return parser.OFPFlowMod(
+        dp,
+        cookie=cookie,
+        cookie_mask=cookie_mask,
+        table_id=table,
+        command=command,
+        priority=priority,
+        buffer_id=ofproto.OFP_NO_BUFFER,
+        out_port=ofproto.OFPP_ANY if out_port is None else out_port,
+        out_group=ofproto.OFPG_ANY,
+        match=match if match is not None else parser.OFPMatch(),
+    )
+
+
+def flow_mod_delete_cookie(dp: DatapathLike, cookie: int, cookie_mask: int = ALL_ONES64,
+                           table: int | None = None) -> Any:
+    """OFPFC_DELETE of every flow whose cookie matches ``cookie``/``cookie_mask`` (all tables
+    unless ``table`` is given)."""
+    return _delete(dp, dp.ofproto.OFPFC_DELETE,
+                   table=dp.ofproto.OFPTT_ALL if table is None else table,
+                   cookie=cookie, cookie_mask=cookie_mask)
+
+
+def flow_mod_delete_out_port(dp: DatapathLike, table: int, out_port: int, cookie: int = 0,
+                             cookie_mask: int = 0) -> Any:
+    """OFPFC_DELETE of flows in ``table`` that output to ``out_port`` (an output action,
+    not a register load), restricted to ``cookie``/``cookie_mask``."""
+    return _delete(dp, dp.ofproto.OFPFC_DELETE, table=table, cookie=cookie,
+                   cookie_mask=cookie_mask, out_port=out_port)
+
+
+def flow_mod_delete_strict(dp: DatapathLike, stats: Any) -> Any:
+    """OFPFC_DELETE_STRICT of exactly the flow an OFPFlowStats entry describes
+    (same table, priority, match, and cookie)."""
+    return _delete(dp, dp.ofproto.OFPFC_DELETE_STRICT, table=stats.table_id,
+                   cookie=stats.cookie, cookie_mask=ALL_ONES64, priority=stats.priority,
+                   match=stats.match)
+
+
+def _iter_actions(instructions: Iterable[Any]) -> Iterable[Any]:
+    for inst in instructions:
+        yield from getattr(inst, "actions", None) or ()
+
+
+def loaded_value(stats: Any, reg: str) -> int | None:
+    """The value the flow's actions load into register ``reg`` ("reg1"), bits placed where
+    they land in the register; None if it loads nothing there.
+
+    Understands all three encodings OVS may report a load with: NXAST_REG_LOAD
+    ("load:3->NXM_NX_REG1[0..15]"), NXAST_REG_LOAD2 and OFPAT_SET_FIELD (masked or not).
+    The last load wins, as on the switch.
+    """
+    names = {reg, NXM_FIELDS.get(reg, reg)}
+    found: int | None = None
+    for act in _iter_actions(getattr(stats, "instructions", ())):
+        kind = type(act).__name__
+        if kind == "NXActionRegLoad" and act.dst in names:
+            ofs, n_bits = act.ofs_nbits >> 6, (act.ofs_nbits & 0x3F) + 1
+            found = (act.value & ((1 << n_bits) - 1)) << ofs
+        elif kind == "NXActionRegLoad2" and act.dst in names:
+            found = act.value if act.mask is None else act.value & act.mask
+        elif kind == "OFPActionSetField" and act.key in names:
+            value = act.value
+            found = value[0] & value[1] if isinstance(value, tuple | list) else value
+    return found
+
+
+# ---------------------------------------------------------------- bundles
+
+
+def bundle_flags(ofproto: ModuleType) -> int:
+    flags = 0
+    for name in BUNDLE_FLAGS_NAMES:
+        flags |= getattr(ofproto, name)
+    return flags
+
+
+def bundle_messages(dp: DatapathLike, msgs: Sequence[Any], bundle_id: int) -> list[Any]:
+    """OPEN_REQUEST, one OFPBundleAddMsg per message, COMMIT_REQUEST (flags ATOMIC|ORDERED
+    on all of them: OVS rejects an add or commit whose flags differ from the open).
+
+    The inner messages must not have been sent or serialized with an xid yet: os-ken
+    gives each the xid of its OFPBundleAddMsg (``set_xid`` asserts it was unset).
+    """
+    ofproto, parser = dp.ofproto, dp.ofproto_parser
+    flags = bundle_flags(ofproto)
+    out: list[Any] = [parser.OFPBundleCtrlMsg(dp, bundle_id, ofproto.OFPBCT_OPEN_REQUEST,
+                                              flags, [])]
+    out += [parser.OFPBundleAddMsg(dp, bundle_id, flags, m, []) for m in msgs]
+    out.append(parser.OFPBundleCtrlMsg(dp, bundle_id, ofproto.OFPBCT_COMMIT_REQUEST, flags, []))
+    return out
+
+
+def serialize(msg: Any, xid: int) -> bytes:
+    """Set ``xid`` and serialize: the bytes os-ken's Datapath.send_msg would write."""
+    msg.set_xid(xid)
+    msg.serialize()
+    return bytes(msg.buf)
+
+
+__all__ = [
+    "CACHE_SIZE",
+    "NXM_FIELDS",
+    "DatapathLike",
+    "Encoded",
+    "Subfield",
+    "bundle_messages",
+    "cache_clear",
+    "cache_info",
+    "encode_action",
+    "encoded",
+    "field_bits",
+    "flow_mod_add",
+    "flow_mod_delete_cookie",
+    "flow_mod_delete_out_port",
+    "flow_mod_delete_strict",
+    "loaded_value",
+    "parse_subfield",
+    "serialize",
+]

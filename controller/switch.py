@@ -1,0 +1,162 @@
+"""One connected switch: request/reply over OpenFlow, from a worker thread.
+
+os-ken delivers replies on its event loop; the reconciler runs on its own
+thread and blocks here until the reply (or an error) for its xid arrives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller import encode
+from controller.reconcile import Plan
+
+REPLY_TIMEOUT_S = 10.0
+_bundle_ids = itertools.count(1)
+
+
+class SwitchError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Pending:
+    multi: bool
+    final_xid: int | None = None  # for a bundle: only the commit's reply ends the wait
+    replies: list[Any] = field(default_factory=list)
+    errors: list[Any] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class InstalledFlow:
+    cookie: int
+    table: int
+    priority: int
+    packets: int
+    bytes: int
+    flow_stats: Any  # the os-ken OFPFlowStats entry, for callers that need match/instructions
+
+
+class SwitchSession:
+    """Talks to one datapath. Thread-safe: one request sequence at a time."""
+
+    def __init__(self, datapath: Any, bridge: str) -> None:
+        self.dp = datapath
+        self.bridge = bridge
+        self.installed: set[int] | None = None  # cookies we know are on the switch
+        self.flow_mods_sent = 0
+        self.bundles_sent = 0
+        self._pending: dict[int, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._seq_lock = threading.Lock()
+
+    # ---------------------------------------------------------- event side
+    def on_reply(self, msg: Any) -> None:
+        with self._pending_lock:
+            pending = self._pending.get(msg.xid)
+        if pending is None:
+            return
+        pending.replies.append(msg)
+        if pending.final_xid is not None:
+            if msg.xid == pending.final_xid:
+                pending.done.set()
+            return
+        more = getattr(msg, "flags", 0) & self.dp.ofproto.OFPMPF_REPLY_MORE
+        if not (pending.multi and more):
+            pending.done.set()
+
+    def on_error(self, msg: Any) -> None:
+        with self._pending_lock:
+            pending = self._pending.get(msg.xid)
+        if pending is not None:
+            pending.errors.append(msg)
+            pending.done.set()
+
+    # ---------------------------------------------------------- worker side
+    def _register(self, msg: Any, pending: _Pending) -> None:
+        if msg.xid is None:
+            self.dp.set_xid(msg)
+        with self._pending_lock:
+            self._pending[msg.xid] = pending
+
+    def _unregister(self, *msgs: Any) -> None:
+        with self._pending_lock:
+            for m in msgs:
+                self._pending.pop(m.xid, None)
+
+    def _request(self, msg: Any, multi: bool = False) -> list[Any]:
+        pending = _Pending(multi=multi)
+        self._register(msg, pending)
+        try:
+            self.dp.send_msg(msg)
+            if not pending.done.wait(REPLY_TIMEOUT_S):
+                raise SwitchError(f"{self.bridge}: no reply to {type(msg).__name__}")
+            if pending.errors:
+                raise SwitchError(f"{self.bridge}: {_error_text(pending.errors[0])}")
+            return pending.replies
+        finally:
+            self._unregister(msg)
+
+    def flows(
+        self, table: int | None = None, cookie: int = 0, cookie_mask: int = 0
+    ) -> list[InstalledFlow]:
+        ofp, parser = self.dp.ofproto, self.dp.ofproto_parser
+        req = parser.OFPFlowStatsRequest(
+            self.dp, 0, ofp.OFPTT_ALL if table is None else table, ofp.OFPP_ANY, ofp.OFPG_ANY,
+            cookie, cookie_mask, parser.OFPMatch(),
+        )
+        with self._seq_lock:
+            replies = self._request(req, multi=True)
+        return [
+            InstalledFlow(s.cookie, s.table_id, s.priority, s.packet_count, s.byte_count, s)
+            for reply in replies
+            for s in reply.body
+        ]
+
+    def apply(self, plan: Plan) -> int:
+        """Send the plan as one atomic bundle; returns the number of flow-mods sent."""
+        if plan.empty:
+            return 0
+        dp = self.dp
+        mods = [encode.flow_mod_delete_cookie(dp, c) for c in plan.purge_cookies]
+        mods += [encode.flow_mod_add(dp, f) for f in plan.add]
+        mods += [encode.flow_mod_delete_cookie(dp, c) for c in plan.delete_cookies]
+        self.send_bundle(mods)
+        self.flow_mods_sent += len(mods)
+        return len(mods)
+
+    def send_bundle(self, mods: list[Any]) -> None:
+        msgs = encode.bundle_messages(self.dp, mods, next(_bundle_ids))
+        pending = _Pending(multi=False)
+        with self._seq_lock:
+            for m in msgs:
+                self._register(m, pending)
+            pending.final_xid = msgs[-1].xid
+            try:
+                for m in msgs:
+                    self.dp.send_msg(m)
+                if not pending.done.wait(REPLY_TIMEOUT_S):
+                    raise SwitchError(f"{self.bridge}: bundle commit not answered")
+                if pending.errors:
+                    err = _error_text(pending.errors[0])
+                    raise SwitchError(f"{self.bridge}: bundle refused: {err}")
+            finally:
+                self._unregister(*msgs)
+        self.bundles_sent += 1
+
+    def send(self, msgs: list[Any]) -> None:
+        """Fire-and-forget messages, followed by a barrier so errors surface here."""
+        parser = self.dp.ofproto_parser
+        with self._seq_lock:
+            for m in msgs:
+                self.dp.send_msg(m)
+            self._request(parser.OFPBarrierRequest(self.dp))
+        self.flow_mods_sent += len(msgs)
+
+
+def _error_text(err: Any) -> str:
+    return f"OpenFlow error type={getattr(err, 'type', '?')} code={getattr(err, 'code', '?')}"

@@ -1,0 +1,291 @@
+"""One simulated Proxmox host on this machine, as network namespaces.
+
+    <p>h   the host: a private OVS (netdev), bridges mesh + vmbr0, socknet
+    <p>c<vmid>  one namespace per container, eth0 <-> veth<vmid>i0 on vmbr0
+    <p>m   the mesh side: eth0 <-> nm-privacy on mesh; holds a remote service
+           container address (10.0.0.210) and a mesh user (10.101.0.5)
+    <p>x   the WARP exit stand-in: eth0 <-> warp0 on vmbr0, gateway 10.0.0.1,
+           routes to <p>i
+    <p>i   a stand-in internet host, 198.18.0.2 (benchmark range, lab-only)
+
+All addresses live inside these namespaces. `down()` removes every one of
+them, the OVS instance and the controller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from labs import netns as nsl
+from labs.ovs_instance import OvsInstance
+
+SUBNET = "10.0.0.0/24"
+GATEWAY = "10.0.0.1"
+MESH_SERVICE_IP = "10.0.0.210"
+MESH_USER_IP = "10.101.0.5"
+INTERNET_IP = "198.18.0.2"
+EXIT_UPLINK_IP = "198.18.0.1"
+STATE_DIR = Path(os.environ.get("SOCKNET_LAB_DIR", "/run/socknet-lab"))
+PRIVACY_IDS = (100, 102)
+SERVICE_IDS = (200, 201)
+
+
+def container_mac(vmid: int) -> str:
+    return f"02:00:00:00:{vmid // 256:02x}:{vmid % 256:02x}"
+
+
+def container_ip(vmid: int) -> str:
+    return f"10.0.0.{vmid % 256}" if vmid < 256 else f"10.0.1.{vmid % 256}"
+
+
+@dataclass
+class Container:
+    vmid: int
+    ns: str
+    port: str  # host-side port name on vmbr0
+    ip: str
+    mac: str
+
+
+class SocketLab:
+    def __init__(self, prefix: str, workdir: Path, *, port_style: str = "proxmox",
+                 controller_port: int = 6653) -> None:
+        if len(prefix) > 8:
+            raise ValueError("prefix must be at most 8 characters (interface name limits)")
+        self.prefix = prefix
+        self.workdir = Path(workdir)
+        self.port_style = port_style  # "proxmox": veth100i0, "seed": veth100
+        self.controller_port = controller_port
+        self.host = f"{prefix}h"
+        self.mesh_ns = f"{prefix}m"
+        self.exit_ns = f"{prefix}x"
+        self.inet_ns = f"{prefix}i"
+        self.ovs = OvsInstance(f"{prefix}-ovs", self.workdir / "ovs", netns=self.host)
+        self.containers: dict[int, Container] = {}
+        self.controller: subprocess.Popen[bytes] | None = None
+        self.config_path = self.workdir / "host.yaml"
+        self.controller_log = self.workdir / "controller.log"
+
+    # ------------------------------------------------------------ naming
+    def port_name(self, vmid: int) -> str:
+        return f"veth{vmid}" if self.port_style == "seed" else f"veth{vmid}i0"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.host, self.mesh_ns, self.exit_ns, self.inet_ns,
+                *(c.ns for c in self.containers.values())]
+
+    def host_config(self) -> str:
+        containers = "\n".join(
+            f'  {vmid}: {{mac: "{container_mac(vmid)}", ip: {container_ip(vmid)}/24}}'
+            for vmid in PRIVACY_IDS
+        )
+        return (
+            f"host: {self.prefix}\n"
+            f"ovsdb: {self.ovs.db_remote}\n"
+            "datapath_type: netdev\n"
+            f"controller: {{listen: 'tcp:127.0.0.1:{self.controller_port}'}}\n"
+            "bridges:\n"
+            "  mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}\n"
+            "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
+            f"containers:\n{containers}\n"
+        )
+
+    # ------------------------------------------------------------ lifecycle
+    def up(self, *, controller: bool = True) -> SocketLab:
+        try:
+            self._up(controller)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _up(self, controller: bool) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for ns in (self.host, self.mesh_ns, self.exit_ns, self.inet_ns):
+            nsl.create_netns(ns)
+            nsl.disable_ipv6(ns)
+        self.ovs.start()
+        self.config_path.write_text(self.host_config())
+        self.socknet("bootstrap")
+        self._wire_mesh_side()
+        self._wire_exit()
+        for vmid in (*PRIVACY_IDS, *SERVICE_IDS):
+            self.add_container(vmid)
+        if controller:
+            self.start_controller()
+
+    def down(self) -> None:
+        self.stop_controller()
+        self.ovs.stop(remove_rundir=False)
+        for ns in reversed(self.namespaces):
+            nsl.delete_netns(ns, kill_procs=True)
+        self.containers.clear()
+
+    # ------------------------------------------------------------ pieces
+    def socknet(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "controller.cli", *args, "-c", str(self.config_path)]
+        res = nsl.run(self.host, argv, env=_env())
+        if check and res.returncode != 0:
+            raise RuntimeError(f"socknet {' '.join(args)} failed: {res.stdout}{res.stderr}".strip())
+        return res
+
+    def _wire_mesh_side(self) -> None:
+        nsl.add_veth("nm-privacy", "eth0", self.host, self.mesh_ns)
+        nsl.tx_off(self.host, "nm-privacy")
+        nsl.tx_off(self.mesh_ns, "eth0")
+        nsl.set_mac(self.mesh_ns, "eth0", "02:00:00:00:ee:01")
+        nsl.add_addr(self.mesh_ns, "eth0", f"{MESH_SERVICE_IP}/24")
+        nsl.add_addr(self.mesh_ns, "eth0", f"{MESH_USER_IP}/16")
+        self.ovs.add_port("mesh", "nm-privacy")
+
+    def _wire_exit(self) -> None:
+        nsl.add_veth("warp0", "eth0", self.host, self.exit_ns)
+        nsl.tx_off(self.host, "warp0")
+        nsl.tx_off(self.exit_ns, "eth0")
+        nsl.set_mac(self.exit_ns, "eth0", "02:00:00:00:ff:01")
+        nsl.add_addr(self.exit_ns, "eth0", f"{GATEWAY}/24")
+        nsl.add_veth("up0", "eth0", self.exit_ns, self.inet_ns)
+        nsl.add_addr(self.exit_ns, "up0", f"{EXIT_UPLINK_IP}/24")
+        nsl.add_addr(self.inet_ns, "eth0", f"{INTERNET_IP}/24")
+        nsl.add_default_route(self.inet_ns, EXIT_UPLINK_IP)
+        nsl.sysctl(self.exit_ns, "net.ipv4.ip_forward", 1)
+        self.ovs.add_port("vmbr0", "warp0")
+
+    def add_container(self, vmid: int) -> Container:
+        """What Proxmox does when a container starts: veth pair, port on vmbr0."""
+        ns = f"{self.prefix}c{vmid}"
+        if not nsl.netns_exists(ns):
+            nsl.create_netns(ns)
+            nsl.disable_ipv6(ns)
+        port = self.port_name(vmid)
+        nsl.add_veth(port, "eth0", self.host, ns)
+        nsl.tx_off(self.host, port)
+        nsl.tx_off(ns, "eth0")
+        c = Container(vmid, ns, port, container_ip(vmid), container_mac(vmid))
+        nsl.set_mac(ns, "eth0", c.mac)
+        nsl.add_addr(ns, "eth0", f"{c.ip}/24")
+        nsl.add_default_route(ns, GATEWAY)
+        self.ovs.add_port("vmbr0", port)
+        self.containers[vmid] = c
+        return c
+
+    def remove_container(self, vmid: int) -> None:
+        """Container stop: Proxmox deletes the port and the veth."""
+        c = self.containers[vmid]
+        self.ovs.vsctl("--if-exists", "del-port", "vmbr0", c.port)
+        nsl.delete_link(self.host, c.port)
+
+    def start_controller(self, wait: bool = True) -> None:
+        argv = [sys.executable, "-m", "controller.cli", "run", "-c", str(self.config_path),
+                "--log-level", "debug"]
+        log = self.controller_log.open("ab")
+        self.controller = nsl.popen(self.host, argv, stdout=log, stderr=log, env=_env())
+        log.close()
+        if wait:
+            self.wait_reconciled()
+
+    def stop_controller(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.controller = self.controller, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def log_events(self) -> list[dict[str, object]]:
+        out = []
+        if self.controller_log.exists():
+            for line in self.controller_log.read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def wait_reconciled(self, after: int = 0, timeout_s: float = 15.0) -> None:
+        """Wait until both bridges report a reconcile logged after event index ``after``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            events = self.log_events()[after:]
+            done = {e.get("bridge") for e in events if e.get("event") == "reconciled"}
+            if {"mesh", "vmbr0"} <= done:
+                return
+            if self.controller is not None and self.controller.poll() is not None:
+                raise RuntimeError(f"controller exited: {self.controller_log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        tail = self.controller_log.read_text()[-2000:]
+        raise TimeoutError(f"controller did not reconcile: {tail}")
+
+    def flows(self, bridge: str) -> list[str]:
+        return self.ovs.dump_flows(bridge)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# ---------------------------------------------------------------- CLI (make lab-up / lab-down)
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labs.lab")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="bring the lab up and leave it running")
+    up.add_argument("--hosts", type=int, default=1)
+    up.add_argument("--prefix", default="snlab")
+    sub.add_parser("down", help="tear down whatever `up` started")
+    args = parser.parse_args(argv)
+    state = STATE_DIR / "state.json"
+    if args.cmd == "up":
+        if args.hosts != 1:
+            print("only --hosts 1 is available so far (multi-host lab: issue 4)", file=sys.stderr)
+            return 2
+        if state.exists():
+            print(f"a lab is already up ({state}); run `make lab-down` first", file=sys.stderr)
+            return 1
+        lab = SocketLab(args.prefix, STATE_DIR / args.prefix)
+        lab.up()
+        controller_pid = lab.controller.pid if lab.controller else None
+        state.write_text(json.dumps({"prefix": args.prefix, "controller_pid": controller_pid}))
+        print(f"lab up: host namespace {lab.host}, controller pid {controller_pid}")
+        print(f"  flows:  ip netns exec {lab.host} ovs-ofctl -O OpenFlow14 dump-flows "
+              f"{lab.ovs.mgmt('vmbr0')}")
+        print(f"  status: ip netns exec {lab.host} {sys.executable} -m controller.cli status "
+              f"-c {lab.config_path}")
+        return 0
+    if not state.exists():
+        print("no lab is up", file=sys.stderr)
+        return 0
+    info = json.loads(state.read_text())
+    lab = SocketLab(info["prefix"], STATE_DIR / info["prefix"])
+    lab.containers = {v: Container(v, f"{lab.prefix}c{v}", lab.port_name(v), "", "")
+                      for v in (*PRIVACY_IDS, *SERVICE_IDS)}
+    if info.get("controller_pid"):
+        try:
+            os.kill(info["controller_pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    lab.down()
+    shutil.rmtree(STATE_DIR / info["prefix"], ignore_errors=True)
+    state.unlink()
+    print("lab down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
