@@ -76,6 +76,10 @@ class SocknetApp(app_manager.OSKenApp):  # type: ignore[misc]
     def _table_stats(self, ev: Any) -> None:
         self._reply(ev)
 
+    @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    def _packet_in(self, ev: Any) -> None:
+        self.controller.packet_in(ev.msg.datapath.id, ev.msg)
+
     @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
     def _error(self, ev: Any) -> None:
         msg = ev.msg

@@ -7,11 +7,13 @@ import sys
 import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
 
 from topology.config import ConfigError, HostConfig, load_host_config
+from topology.policy import Policy, PolicyError, load_policy
 from topology.roles import Role, classify_port
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -40,9 +42,27 @@ def _config_option(f: Callable[..., Any]) -> Callable[..., Any]:
                   help="host.yaml of this Proxmox host")
     @wraps(f)
     def wrapper(config_path: str, **kw: Any) -> Any:
-        return f(_load(config_path), **kw)
+        cfg = _load(config_path)
+        click.get_current_context().meta["config_path"] = Path(config_path)
+        return f(cfg, **kw)
 
     return wrapper
+
+
+def _policy_path(cfg: HostConfig) -> Path | None:
+    """host.yaml's `policy:`, relative to host.yaml itself."""
+    if cfg.policy is None:
+        return None
+    base = click.get_current_context().meta["config_path"].parent
+    return (base / cfg.policy).resolve()
+
+
+def _load_policy(path: Path) -> Policy:
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        _fail(exc.problems, EXIT_BAD_INPUT)
+        raise  # unreachable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,7 +114,9 @@ def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
     from topology.flows import desired_state
     from topology.render import flows_text
 
-    state = desired_state(cfg, _parse_ports(cfg, port_specs))
+    path = _policy_path(cfg)
+    policy = _load_policy(path) if path is not None else None
+    state = desired_state(cfg, _parse_ports(cfg, port_specs), policy)
     if bridge is not None and bridge not in state:
         _fail([f"--bridge {bridge!r}: not a bridge of this host ({', '.join(state)})"],
               EXIT_BAD_INPUT)
@@ -104,6 +126,67 @@ def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
         if bridge is None:
             click.echo(f"# bridge {name}")
         click.echo(flows_text(fl, comments=comments), nl=False)
+
+
+def _policy_arg(path: str) -> Policy:
+    return _load_policy(Path(path))
+
+
+@main.command()
+@click.argument("policy_file", type=click.Path())
+@click.option("--quiet", "-q", is_flag=True, help="print failures only")
+def check(policy_file: str, quiet: bool) -> None:
+    """Validate and compile a policy, run its tests on the compiled flows (simulated)."""
+    from topology.check import run_tests
+    from topology.policy_compile import compile_policy, rule_flow_count
+
+    policy = _policy_arg(policy_file)
+    outcomes = run_tests(policy)
+    failed = [o for o in outcomes if not o.passed]
+    for o in outcomes:
+        if not quiet or not o.passed:
+            click.echo(str(o))
+    flows = compile_policy(policy)
+    click.echo(f"{policy_file}: {len(policy.rules)} rules, {rule_flow_count(flows)} rule flows, "
+               f"{len(outcomes) - len(failed)}/{len(outcomes)} tests passed")
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@main.command()
+@click.option("--policy", "policy_file", required=True, type=click.Path())
+@click.option("--src", required=True, help="source IPv4 address")
+@click.option("--dst", required=True, help="destination IPv4 address")
+@click.option("--tcp", "tcp_port", type=click.IntRange(1, 65535), help="TCP destination port")
+@click.option("--udp", "udp_port", type=click.IntRange(1, 65535), help="UDP destination port")
+@click.option("--icmp", is_flag=True, help="ICMP echo")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+def trace(policy_file: str, src: str, dst: str, tcp_port: int | None, udp_port: int | None,
+          icmp: bool, as_json: bool) -> None:
+    """Which rule decides SRC -> DST, simulated on the compiled flows."""
+    import ipaddress
+
+    from topology.check import PolicySimulator
+
+    chosen = [(p, v) for p, v in (("tcp", tcp_port), ("udp", udp_port)) if v is not None]
+    if icmp:
+        chosen.append(("icmp", None))
+    if len(chosen) != 1:
+        _fail(["give exactly one of --tcp PORT, --udp PORT, --icmp"], EXIT_BAD_INPUT)
+    for name, addr in (("--src", src), ("--dst", dst)):
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            _fail([f"{name} {addr!r} is not an IPv4 address"], EXIT_BAD_INPUT)
+    proto, port = chosen[0]
+    result = PolicySimulator(_policy_arg(policy_file)).trace(src, dst, proto, port)
+    if as_json:
+        click.echo(json.dumps({"src": src, "dst": dst, "proto": proto, "port": port,
+                               **result.as_dict()}))
+        return
+    what = f"{proto}/{port}" if port else proto
+    click.echo(f"{src} -> {dst} {what}: {result.verdict} (rule: {result.rule})")
+    for step in result.tables:
+        click.echo(f"  table {step}")
 
 
 @main.command()
@@ -144,7 +227,7 @@ def run(cfg: HostConfig, audit_interval: float, log_level: str) -> None:
     from controller.service import run_controller
 
     setup_logging(log_level)
-    run_controller(cfg, audit_interval_s=audit_interval)
+    run_controller(cfg, audit_interval_s=audit_interval, policy_path=_policy_path(cfg))
 
 
 @main.command()

@@ -19,11 +19,40 @@ from controller.logs import get_logger
 from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
 from topology.config import HostConfig
-from topology.flows import DesiredState, desired_state
+from topology.flows import Binding, DesiredState, desired_state
 from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK
-from topology.pipeline import REG_OUT, SOCKET_PIPELINE
+from topology.pipeline import METER_RATES, REG_OUT, SOCKET_PIPELINE
+from topology.policy import Policy
 
 log = get_logger("socknet.runtime")
+
+
+def parse_packet(data: bytes) -> dict[str, Any]:
+    """The few header fields the learning path and the deny log need."""
+    from os_ken.lib.packet import arp, ethernet, ipv4, packet, tcp, udp
+
+    out: dict[str, Any] = {}
+    try:
+        pkt = packet.Packet(data)
+    except Exception:  # a truncated or odd frame: nothing to learn from it
+        return out
+    eth = pkt.get_protocol(ethernet.ethernet)
+    if eth is None:
+        return out
+    out["eth_src"] = eth.src
+    a = pkt.get_protocol(arp.arp)
+    if a is not None and a.src_mac == eth.src and a.src_ip != "0.0.0.0":
+        out["sender_ip"] = a.src_ip
+    ip = pkt.get_protocol(ipv4.ipv4)
+    if ip is not None:
+        out.update(ipv4_src=ip.src, ipv4_dst=ip.dst,
+                   proto={1: "icmp", 6: "tcp", 17: "udp"}.get(ip.proto, str(ip.proto)))
+        if ip.src != "0.0.0.0":
+            out["sender_ip"] = ip.src
+        l4 = pkt.get_protocol(tcp.tcp) or pkt.get_protocol(udp.udp)
+        if l4 is not None:
+            out["dst_port"] = l4.dst_port
+    return out
 
 
 @dataclass
@@ -36,13 +65,24 @@ class Stats:
     noop_reconciles: int = 0
     errors: int = 0
     port_events: int = 0
+    packet_ins: int = 0
+    policy_generation: int = 0
+    reloads_ok: int = 0
+    reloads_refused: int = 0
+    last_reload_ms: float = 0.0
+    denied_logged: int = 0
     last_reconcile: dict[str, float] = field(default_factory=dict)
 
 
 class Controller:
-    def __init__(self, cfg: HostConfig, audit_interval_s: float = 30.0) -> None:
+    def __init__(self, cfg: HostConfig, audit_interval_s: float = 30.0,
+                 policy: Policy | None = None) -> None:
         self.cfg = cfg
+        self.policy = policy
+        self.bindings: dict[str, Binding] = {}  # learned container addresses, by port name
         self.stats = Stats()
+        if policy is not None:
+            self.stats.policy_generation = 1
         self.audit_interval_s = audit_interval_s
         self._sessions: dict[int, SwitchSession] = {}  # by datapath id
         self._ports: dict[str, dict[str, int]] | None = None
@@ -88,7 +128,10 @@ class Controller:
             old_ports = self._ports or {}
             self._ports = {b: dict(p) for b, p in ports.items()}
             self._dpids = dict(dpids)
-            self._desired = desired_state(self.cfg, self._ports)
+            present = set(self._ports.get(self.cfg.bridges.socket.name, {}))
+            for name in set(self.bindings) - present:
+                log.info("binding_forgotten", port=name, **vars(self.bindings.pop(name)))
+            self._recompute()
             for dpid, session in self._sessions.items():
                 session.bridge = self._bridge_of(dpid) or session.bridge
             removed = {
@@ -103,7 +146,46 @@ class Controller:
         for dpid in list(self._sessions):
             self._work.put(dpid)
 
+    def set_policy(self, policy: Policy | None) -> None:
+        """Install a policy that has already been validated and tested."""
+        with self._lock:
+            self.policy = policy
+            self.stats.policy_generation += 1
+            if self._ports is not None:
+                self._recompute()
+        self._kick_all()
+
+    def learn_binding(self, port_name: str, binding: Binding) -> bool:
+        """A container's addresses, learned once from its first packet. Refuses addresses
+        that another container has declared or learned (a spoofing attempt)."""
+        with self._lock:
+            if port_name in self.bindings:
+                return False
+            taken = {b.mac for b in self.bindings.values()} | {
+                c.mac for c in self.cfg.containers.values() if c.mac}
+            taken_ips = {b.ip for b in self.bindings.values() if b.ip} | {
+                str(c.ip.ip) for c in self.cfg.containers.values() if c.ip}
+            if binding.mac in taken or (binding.ip and binding.ip in taken_ips):
+                log.warning("binding_refused", port=port_name, mac=binding.mac, ip=binding.ip,
+                            reason="address already belongs to another container")
+                return False
+            self.bindings[port_name] = binding
+            if self._ports is not None:
+                self._recompute()
+        log.info("binding_learned", port=port_name, mac=binding.mac, ip=binding.ip)
+        self._kick_all()
+        return True
+
     # ------------------------------------------------------------ internals
+    def _recompute(self) -> None:
+        """Caller holds the lock."""
+        assert self._ports is not None
+        self._desired = desired_state(self.cfg, self._ports, self.policy, self.bindings)
+
+    def _kick_all(self) -> None:
+        for dpid in list(self._sessions):
+            self._work.put(dpid)
+
     def _bridge_of(self, dpid: int) -> str | None:
         for bridge, d in self._dpids.items():
             if d == dpid:
@@ -155,6 +237,8 @@ class Controller:
         started = time.monotonic()
         first = session.installed is None
         if first:
+            if bridge == self.cfg.bridges.socket.name:
+                self._ensure_meters(session)
             session.installed = {f.cookie for f in session.flows()}
         want = desired[bridge]
         todo = plan(want, session.installed)
@@ -181,6 +265,55 @@ class Controller:
         if self.on_reconciled is not None:
             self.on_reconciled(bridge, sent)
         return sent
+
+    # ------------------------------------------------------------ packet-ins
+    def packet_in(self, dpid: int, msg: Any) -> None:
+        """Packets the pipeline sent up: address learning (spoof_guard) or deny logs."""
+        self.stats.packet_ins += 1
+        bridge = self._bridge_of(dpid)
+        if bridge != self.cfg.bridges.socket.name:
+            return
+        try:
+            in_port = int(msg.match["in_port"])
+        except (KeyError, TypeError):
+            return
+        pkt = parse_packet(msg.data)
+        if msg.table_id == SOCKET_PIPELINE["spoof_guard"]:
+            self._learn_from(bridge, in_port, pkt)
+        elif msg.table_id == SOCKET_PIPELINE["policy_deny"]:
+            self._log_denied(msg, in_port, pkt)
+
+    def _learn_from(self, bridge: str, in_port: int, pkt: dict[str, Any]) -> None:
+        with self._lock:
+            names = [n for n, o in (self._ports or {}).get(bridge, {}).items() if o == in_port]
+        if not names or not pkt.get("eth_src") or not pkt.get("sender_ip"):
+            return
+        self.learn_binding(names[0], Binding(pkt["eth_src"], pkt["sender_ip"]))
+
+    def _log_denied(self, msg: Any, in_port: int, pkt: dict[str, Any]) -> None:
+        rule_id = 0
+        try:
+            rule_id = int(msg.match["reg2"])
+        except (KeyError, TypeError, ValueError):
+            pass
+        rule = self.policy.rule_by_id(rule_id) if self.policy is not None else None
+        self.stats.denied_logged += 1
+        log.warning("denied", rule=rule.name if rule else "default", rule_id=rule_id,
+                    src=pkt.get("ipv4_src"), dst=pkt.get("ipv4_dst"), proto=pkt.get("proto"),
+                    port=pkt.get("dst_port"), in_port=in_port)
+
+    def _ensure_meters(self, session: SwitchSession) -> None:
+        """Rate limits for packets sent to the controller (logs, learning)."""
+        for meter_id, rate in METER_RATES.items():
+            err = None
+            for command in ("add", "modify"):  # add fails when the meter exists already
+                err = session.send_checked(
+                    encode.meter_mod(session.dp, meter_id, rate, rate, command=command))
+                if err is None:
+                    break
+            if err is not None:
+                log.error("meter_failed", bridge=session.bridge, meter=meter_id,
+                          type=err.type, code=err.code)
 
     def _forget_learned(self, bridge: str, ofports: set[int]) -> None:
         """Drop learned flows that point at ports that are gone (their number may be reused)."""

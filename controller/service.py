@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 from controller.logs import get_logger
@@ -14,16 +16,28 @@ from topology.config import HostConfig
 log = get_logger("socknet.service")
 
 
-def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0) -> None:
+def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
+                   policy_path: Path | None = None) -> None:
     os.environ.setdefault("OSKEN_HUB_TYPE", "native")
     from os_ken import cfg as osken_cfg
     from os_ken.base.app_manager import AppManager
 
     from apps import socknet_app
     from controller.ovsdb import OvsdbView
+    from controller.reload import PolicyReloader, load_checked
 
-    controller = Controller(cfg, audit_interval_s=audit_interval_s)
+    policy = None
+    if policy_path is not None:
+        policy, problems = load_checked(policy_path)
+        if policy is None:
+            # Refuse to start: the flows already on the switches stay in force
+            # (fail_mode=secure), which is safer than running without the policy.
+            for problem in problems:
+                log.error("policy_invalid", path=str(policy_path), problem=problem)
+            sys.exit(2)
+    controller = Controller(cfg, audit_interval_s=audit_interval_s, policy=policy)
     socknet_app.bind(controller)
+    reloader = PolicyReloader(policy_path, controller) if policy_path is not None else None
     stop = threading.Event()
 
     view = OvsdbView(cfg.ovsdb)
@@ -38,8 +52,17 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0) -> None:
         # Flows stay on the switches (fail_mode=secure): nothing to clean up there.
         os._exit(0)
 
+    def hangup(_signum: int, _frame: FrameType | None) -> None:
+        if reloader is None:
+            log.info("sighup_ignored", reason="no policy file configured")
+            return
+        threading.Thread(target=reloader.reload, args=("SIGHUP",), daemon=True).start()
+
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGHUP, hangup)
+    if reloader is not None:
+        reloader.watch()
 
     osken_cfg.CONF(
         args=[
@@ -50,5 +73,7 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0) -> None:
     )
     controller.start()
     threading.Thread(target=follow_ovsdb, name="socknet-ovsdb", daemon=True).start()
-    log.info("started", listen=cfg.controller.listen, ovsdb=cfg.ovsdb, host=cfg.host)
+    log.info("started", listen=cfg.controller.listen, ovsdb=cfg.ovsdb, host=cfg.host,
+             policy=str(policy_path) if policy_path else None,
+             rules=len(policy.rules) if policy else 0)
     AppManager.run_apps(["apps.socknet_app"])

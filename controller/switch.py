@@ -148,6 +148,24 @@ class SwitchSession:
                 self._unregister(*msgs)
         self.bundles_sent += 1
 
+    def send_checked(self, msg: Any) -> Any | None:
+        """Send one message, then a barrier; return the OpenFlow error it caused, if any."""
+        parser = self.dp.ofproto_parser
+        pending = _Pending(multi=False)
+        barrier = parser.OFPBarrierRequest(self.dp)
+        with self._seq_lock:
+            self._register(msg, pending)
+            self._register(barrier, pending)
+            pending.final_xid = barrier.xid
+            try:
+                self.dp.send_msg(msg)
+                self.dp.send_msg(barrier)
+                if not pending.done.wait(REPLY_TIMEOUT_S):
+                    raise SwitchError(f"{self.bridge}: no barrier reply")
+            finally:
+                self._unregister(msg, barrier)
+        return pending.errors[0] if pending.errors else None
+
     def send(self, msgs: list[Any]) -> None:
         """Fire-and-forget messages, followed by a barrier so errors surface here."""
         parser = self.dp.ofproto_parser

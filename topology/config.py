@@ -129,6 +129,7 @@ class SocketBridgeCfg(_Strict):
     name: IfName = "vmbr0"
     from_mesh: IfName = "from-mesh"
     warp: IfName = "warp0"
+    gateway: IfName | None = None  # the host's router port for service containers, if any
     privacy_ids: IdRangeField = IdRange(first=100, last=199)
     service_ids: IdRangeField = IdRange(first=200, last=299)
 
@@ -139,8 +140,9 @@ class SocketBridgeCfg(_Strict):
                 f"privacy_ids {self.privacy_ids.first}-{self.privacy_ids.last} and service_ids "
                 f"{self.service_ids.first}-{self.service_ids.last} overlap"
             )
-        if len({self.from_mesh, self.warp}) != 2:
-            raise ValueError("from_mesh and warp must be different ports")
+        named = [n for n in (self.from_mesh, self.warp, self.gateway) if n is not None]
+        if len(set(named)) != len(named):
+            raise ValueError("from_mesh, warp and gateway must be different ports")
         return self
 
 

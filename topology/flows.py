@@ -24,23 +24,28 @@ from topology.model import (
     Resubmit,
     SetField,
     SetReg,
+    ToController,
     ct_state,
     flow,
     learn_mac_to_port,
 )
 from topology.pipeline import (
+    CLASS_GATEWAY,
     CLASS_MESH,
     CLASS_PRIVACY,
     CLASS_SERVICE,
     CLASS_WARP,
     LEARN_IDLE_TIMEOUT,
     MESH_PIPELINE,
+    METER_LEARN,
     REG_CLASS,
     REG_OUT,
     SOCKET_PIPELINE,
     ZONE_PRIVACY,
     check_flows,
 )
+from topology.policy import Policy
+from topology.policy_compile import compile_policy
 from topology.roles import PortRole, Role, classify_port
 
 ETH_ARP = 0x0806
@@ -50,6 +55,18 @@ MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
 # Ports as discovered: bridge name -> port name -> OpenFlow port number.
 Ports = Mapping[str, Mapping[str, int]]
 DesiredState = dict[str, frozenset[Flow]]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The addresses a container port may send with (declared, or learned once)."""
+
+    mac: str
+    ip: str | None = None
+
+
+# Learned bindings: container port name -> Binding (from the controller's learning path).
+Bindings = Mapping[str, Binding]
 
 
 @dataclass(frozen=True)
@@ -120,13 +137,49 @@ _LEARN_MESH_HOST = Learn(
 )
 
 
-def socket_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
+def binding_of(cfg: HostConfig, port: BoundPort, learned: Bindings) -> Binding | None:
+    """Declared addresses win; otherwise what the controller learned for this port."""
+    decl = cfg.container(port.role.vmid or 0)
+    if decl.mac:
+        return Binding(decl.mac, str(decl.ip.ip) if decl.ip else None)
+    return learned.get(port.name)
+
+
+def _spoof_guard(cfg: HostConfig, containers: list[BoundPort], learned: Bindings) -> set[Flow]:
+    t, after = SOCKET_PIPELINE["spoof_guard"], SOCKET_PIPELINE["policy_entry"]
+    out = {flow(t, 0, goto=after, note="spoof_guard: mesh, WARP, gateway go on")}
+    for port in containers:
+        b = binding_of(cfg, port, learned)
+        who = f"{port.name} (container {port.role.vmid})"
+        if b is None:
+            out.add(flow(t, 10, in_port=port.ofport, actions=[ToController()], meter=METER_LEARN,
+                         owner=Owner.PORTS,
+                         note=f"spoof_guard: {who} addresses unknown: learn (rate-limited), drop"))
+            continue
+        out.add(flow(t, 10, in_port=port.ofport, owner=Owner.PORTS,
+                     note=f"spoof_guard: {who} anything not its own, drop"))
+        if b.ip is None:
+            out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, goto=after,
+                         owner=Owner.PORTS, note=f"spoof_guard: {who} own MAC"))
+            continue
+        out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, eth_type=ETH_IPV4,
+                     ipv4_src=b.ip, goto=after, owner=Owner.PORTS,
+                     note=f"spoof_guard: {who} own MAC and IPv4"))
+        out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, eth_type=ETH_ARP,
+                     arp_spa=b.ip, arp_sha=b.mac, goto=after, owner=Owner.PORTS,
+                     note=f"spoof_guard: {who} ARP for its own addresses"))
+    return out
+
+
+def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | None = None,
+                 learned: Bindings | None = None) -> frozenset[Flow]:
     p = SOCKET_PIPELINE
     bound = bound_ports(cfg, cfg.bridges.socket.name, ports)
     from_mesh = _of_role(bound, Role.FROM_MESH)
     warp = _of_role(bound, Role.WARP)
     privacy = _of_role(bound, Role.PRIVACY)
     service = _of_role(bound, Role.SERVICE)
+    gateway = _of_role(bound, Role.GATEWAY)
     warp_out: list[Action] = [Output(w.ofport) for w in warp]
     mesh_out: list[Action] = [Output(m.ofport) for m in from_mesh]
 
@@ -153,10 +206,13 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
         add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
                  actions=[SetReg(REG_CLASS, CLASS_SERVICE), learn_service],
                  note=f"classify: {port.name} is service container {port.role.vmid}"))
+    for port in gateway:
+        add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
+                 actions=[SetReg(REG_CLASS, CLASS_GATEWAY), learn_service],
+                 note=f"classify: {port.name} is the service gateway"))
 
-    # reserved stages: pass through until the policy issue fills them
-    add(flow(p["spoof_guard"], 0, goto=p["policy"], note="spoof_guard: (reserved) pass"))
-    add(flow(p["policy"], 0, goto=p["dispatch"], note="policy: (reserved) pass"))
+    f |= _spoof_guard(cfg, [*privacy, *service], learned or {})
+    f |= compile_policy(policy)
 
     d = p["dispatch"]
     add(flow(d, 0, note="dispatch: drop"))
@@ -168,6 +224,8 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
              **{REG_CLASS: CLASS_MESH}))
     add(flow(d, 10, goto=p["service_l2"], note="dispatch: service -> service_l2",
              **{REG_CLASS: CLASS_SERVICE}))
+    add(flow(d, 10, goto=p["service_l2"], note="dispatch: gateway -> service_l2",
+             **{REG_CLASS: CLASS_GATEWAY}))
     # ARP for declared privacy containers is answered here, for the mesh and for WARP
     # (their ARP replies must never leave towards the mesh).
     for port in privacy:
@@ -229,18 +287,19 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
 
     # service containers and the mesh: learned switching, never privacy or WARP ports
     s = p["service_l2"]
-    flood = [Output(x.ofport) for x in (*service, *from_mesh)]
+    flood = [Output(x.ofport) for x in (*service, *gateway, *from_mesh)]
     add(flow(s, 0, actions=flood, owner=Owner.PORTS if flood else Owner.PIPELINE,
-             note="service_l2: flood to service ports and from-mesh"))
+             note="service_l2: flood to service ports, gateway and from-mesh"))
     return frozenset(f)
 
 
-def desired_state(cfg: HostConfig, ports: Ports) -> DesiredState:
+def desired_state(cfg: HostConfig, ports: Ports, policy: Policy | None = None,
+                  learned: Bindings | None = None) -> DesiredState:
     """Flows for both bridges. Raises PipelineError if a flow breaks the declaration."""
     mesh_name, sock_name = cfg.bridges.mesh.name, cfg.bridges.socket.name
     state = {
         mesh_name: mesh_flows(cfg, ports.get(mesh_name, {})),
-        sock_name: socket_flows(cfg, ports.get(sock_name, {})),
+        sock_name: socket_flows(cfg, ports.get(sock_name, {}), policy, learned),
     }
     check_flows(MESH_PIPELINE, state[mesh_name])
     check_flows(SOCKET_PIPELINE, state[sock_name])

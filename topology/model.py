@@ -128,11 +128,33 @@ class Resubmit:
 
 @dataclass(frozen=True)
 class Ct:
-    """Send through conntrack. ``table`` recirculates; ``commit`` records the connection."""
+    """Send through conntrack. ``table`` recirculates; ``commit`` records the connection.
+
+    With ``commit``, ``mark`` (value, mask) and ``label`` (low 32 bits) are written into
+    the connection (ct(commit, exec(set_field:...->ct_mark, ...->ct_label))).
+    """
 
     zone: int
     commit: bool = False
     table: int | None = None
+    mark: tuple[int, int] | None = None
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Conjunction:
+    """One clause of a conjunctive match: conjunction(id, clause/n_clauses)."""
+
+    id: int
+    clause: int  # 1-based
+    n_clauses: int
+
+
+@dataclass(frozen=True)
+class ToController:
+    """Send (the first ``max_len`` bytes of) the packet to the controller."""
+
+    max_len: int = 128
 
 
 @dataclass(frozen=True)
@@ -178,7 +200,10 @@ def learn_mac_to_port(table: int, priority: int, idle_timeout: int,
                  (LearnSpec("match", "NXM_OF_ETH_SRC[]", "NXM_OF_ETH_DST[]"), last))
 
 
-Action = Output | OutputReg | SetReg | SetField | MoveField | Resubmit | Ct | Learn
+Action = (
+    Output | OutputReg | SetReg | SetField | MoveField | Resubmit | Ct | Learn | Conjunction
+    | ToController
+)
 
 
 # ---------------------------------------------------------------- flows
@@ -196,6 +221,7 @@ class Flow:
     owner: Owner = Owner.PIPELINE
     idle_timeout: int = 0
     hard_timeout: int = 0
+    meter: int | None = None  # OpenFlow meter instruction (rate limit), e.g. for logging
     note: str = field(default="", compare=False)  # human hint for `socknet flows`, not sent
 
     @property
@@ -222,6 +248,7 @@ def content_hash(flow: Flow) -> int:
             flow.goto,
             flow.idle_timeout,
             flow.hard_timeout,
+            flow.meter,
         )
     )
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
@@ -235,6 +262,7 @@ def flow(
     actions: tuple[Action, ...] | list[Action] = (),
     goto: int | None = None,
     owner: Owner = Owner.PIPELINE,
+    meter: int | None = None,
     note: str = "",
     **match: MatchValue,
 ) -> Flow:
@@ -246,5 +274,6 @@ def flow(
         actions=tuple(actions),
         goto=goto,
         owner=owner,
+        meter=meter,
         note=note,
     )

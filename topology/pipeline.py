@@ -17,15 +17,24 @@ from topology.model import Flow, Resubmit
 # Register use on vmbr0 (one place, so tables and tests agree).
 REG_CLASS = "reg0"  # class of the ingress port, set in `classify`
 REG_OUT = "reg1"  # output port found by a privacy-host lookup (0 = unknown)
+REG_RULE = "reg2"  # id of the policy rule that decided (0 = the default)
 
 # Port classes carried in REG_CLASS.
 CLASS_MESH = 1
 CLASS_WARP = 2
 CLASS_PRIVACY = 3
 CLASS_SERVICE = 4
+CLASS_GATEWAY = 5  # the host's router for service containers (the "internet" behind the host)
 
 # Conntrack zone for connections the mesh opens towards privacy containers.
 ZONE_PRIVACY = 1
+# Conntrack zone of the tier policy (service containers, mesh, gateway).
+ZONE_POLICY = 2
+
+# OpenFlow meters (packets/s to the controller): denied-packet logs, address learning.
+METER_LOG = 1
+METER_LEARN = 2
+METER_RATES = {METER_LOG: 100, METER_LEARN: 200}
 
 LEARN_IDLE_TIMEOUT = 300
 
@@ -84,11 +93,20 @@ SOCKET_PIPELINE = Pipeline(
     tables=(
         _t(0, "classify", "tag the ingress port's class in reg0, learn container MACs; "
            "unknown ports dropped", ["in_port"]),
-        _t(10, "spoof_guard", "reserved: anti-spoofing (own MAC/IP only) before policy",
-           ("in_port", REG_CLASS, *_L2, *_ARP, *_L3), reserved=True),
-        _t(20, "policy", "reserved: tier east-west policy (conjunctive, stateful)",
-           ("in_port", REG_CLASS, *_L2, *_L3, *_L4, "ct_state", "ct_zone", "ct_mark",
-            "ct_label", "conj_id"), reserved=True),
+        _t(10, "spoof_guard", "containers may only send with their own MAC and IPv4 "
+           "(declared, or learned once through the controller); anything else dropped",
+           ("in_port", REG_CLASS, "eth_src", "eth_type", "ipv4_src", "arp_spa", "arp_sha")),
+        _t(20, "policy_entry", "service, mesh and gateway IPv4 into conntrack (zone 2); "
+           "everything else goes on", (REG_CLASS, "eth_type")),
+        _t(21, "policy_state", "replies of allowed connections pass; replies of cut ones and "
+           "invalid packets drop; the rest is evaluated", ("ct_state", "ct_mark")),
+        _t(22, "policy_rules", "first-match tier rules as conjunctive matches, priority by "
+           "rule order; sets reg2 = rule id", ("eth_type", "ipv4_src", "ipv4_dst", "ip_proto",
+           "tcp_dst", "udp_dst", "icmpv4_type", "conj_id")),
+        _t(23, "policy_allow", "commit new connections with the rule id in ct_label",
+           (REG_RULE, "ct_state", "ct_mark", "eth_type")),
+        _t(24, "policy_deny", "drop; cut established connections (ct_mark blocked); log "
+           "rate-limited to the controller", (REG_RULE, "ct_state", "eth_type")),
         _t(30, "dispatch", "send each port class to its forwarding stage",
            (REG_CLASS, "eth_type", "arp_op", "arp_tpa")),
         _t(35, "privacy_egress", "privacy containers: ARP/non-IP to WARP only, IPv4 to conntrack",
@@ -163,10 +181,16 @@ def pipeline_markdown() -> str:
         lines.append("")
     lines += [
         "Registers on vmbr0: `reg0` = ingress port class (1 from-mesh, 2 WARP, 3 privacy, "
-        "4 service); `reg1` = privacy container port found by `privacy_lookup`.",
+        "4 service, 5 gateway); `reg1` = privacy container port found by `privacy_lookup`; "
+        "`reg2` = id of the policy rule that decided (0 = default).",
         "",
         f"Conntrack zone {ZONE_PRIVACY}: connections opened from the mesh towards privacy "
-        "containers (their replies may go back to the mesh, nothing else may).",
+        "containers (their replies may go back to the mesh, nothing else may). "
+        f"Zone {ZONE_POLICY}: the tier policy; ct_label holds the allowing rule's id, "
+        "ct_mark bit 0 marks a connection a deny has cut.",
+        "",
+        f"Meters: {METER_LOG} = denied-packet logs, {METER_LEARN} = address learning "
+        "(packets/s to the controller, excess dropped in the switch).",
         "",
     ]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from topology.model import (
     CT_STATE_BITS,
     LEARNED_COOKIE,
     Action,
+    Conjunction,
     Ct,
     Flow,
     Learn,
@@ -18,6 +19,7 @@ from topology.model import (
     Resubmit,
     SetField,
     SetReg,
+    ToController,
 )
 
 OFCTL_FIELD = {
@@ -87,11 +89,22 @@ def action_text(action: Action) -> str:
             return f"move:{src}->{dst}"
         case Resubmit(table=table):
             return f"resubmit(,{table})"
-        case Ct(zone=zone, commit=commit, table=table):
+        case Ct(zone=zone, commit=commit, table=table, mark=mark, label=label):
             parts = (["commit"] if commit else []) + [f"zone={zone}"]
             if table is not None:
                 parts.append(f"table={table}")
+            execs = []
+            if mark is not None:
+                execs.append(f"set_field:0x{mark[0]:x}/0x{mark[1]:x}->ct_mark")
+            if label is not None:
+                execs.append(f"set_field:0x{label:x}/0xffffffff->ct_label")
+            if execs:
+                parts.append(f"exec({','.join(execs)})")
             return f"ct({','.join(parts)})"
+        case Conjunction(id=cid, clause=clause, n_clauses=n):
+            return f"conjunction({cid},{clause}/{n})"
+        case ToController(max_len=max_len):
+            return f"CONTROLLER:{max_len}"
         case Learn(table=table, priority=priority, idle_timeout=idle, specs=specs):
             parts = [f"table={table}", f"idle_timeout={idle}", f"priority={priority}",
                      f"cookie=0x{LEARNED_COOKIE:x}"]
@@ -113,7 +126,8 @@ def flow_text(flow: Flow) -> str:
     if flow.hard_timeout:
         head.append(f"hard_timeout={flow.hard_timeout}")
     head += [match_text(name, value) for name, value in flow.match]
-    acts = [action_text(a) for a in flow.actions]
+    acts = [f"meter:{flow.meter}"] if flow.meter is not None else []
+    acts += [action_text(a) for a in flow.actions]
     if flow.goto is not None:
         acts.append(f"goto_table:{flow.goto}")
     return ",".join(head) + " actions=" + (",".join(acts) if acts else "drop")

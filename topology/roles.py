@@ -22,6 +22,7 @@ class Role(StrEnum):
     WARP = "warp"
     PRIVACY = "privacy"
     SERVICE = "service"
+    GATEWAY = "gateway"
     UNKNOWN = "unknown"  # anything else: dropped at ingress
 
 
@@ -51,6 +52,8 @@ def classify_port(cfg: HostConfig, bridge: str, name: str) -> PortRole:
             return PortRole(Role.FROM_MESH)
         if name == sock.warp:
             return PortRole(Role.WARP)
+        if sock.gateway is not None and name == sock.gateway:
+            return PortRole(Role.GATEWAY)
         vmid = container_vmid(name)
         if vmid is not None:
             if vmid in sock.privacy_ids:

@@ -1,0 +1,192 @@
+"""Tier policy -> flows of the policy stage (tables 20-24 of vmbr0). No I/O.
+
+Each rule becomes one conjunctive match (sources x destinations x services
+cost |S| + |D| + |P| + 1 flows) at its own priority, so first-match order is
+the priority order. Connections are stateful through conntrack zone
+ZONE_POLICY: the allowing rule's id is committed into ct_label; replies of
+allowed connections pass without re-evaluation; every packet in the original
+direction is evaluated again, so a new deny cuts a live session on its next
+packet and marks the connection blocked (ct_mark bit 0) so its replies drop too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from ipaddress import IPv4Network
+
+from topology.model import (
+    Conjunction,
+    Ct,
+    Flow,
+    MatchValue,
+    Owner,
+    SetReg,
+    ToController,
+    ct_state,
+    flow,
+)
+from topology.pipeline import (
+    CLASS_GATEWAY,
+    CLASS_MESH,
+    CLASS_SERVICE,
+    METER_LOG,
+    REG_CLASS,
+    REG_RULE,
+    SOCKET_PIPELINE,
+    ZONE_POLICY,
+)
+from topology.policy import PROTO_NUMBERS, Policy, PortRange, Rule
+
+ETH_IPV4 = 0x0800
+BLOCKED = (1, 1)  # ct_mark bit 0: a deny cut this connection
+NOT_BLOCKED = (0, 1)
+RULE_PRIORITY_TOP = 60000
+RULE_PRIORITY_STEP = 10
+POLICED_CLASSES = (CLASS_SERVICE, CLASS_MESH, CLASS_GATEWAY)
+
+Match = dict[str, MatchValue]
+
+
+def port_prefixes(r: PortRange) -> list[MatchValue]:
+    """A port range as the fewest value/mask matches (exact ports as plain ints)."""
+    out: list[MatchValue] = []
+    lo, hi = r.lo, r.hi
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while size > hi - lo + 1:
+            size >>= 1
+        out.append(lo if size == 1 else (lo, 0xFFFF & ~(size - 1)))
+        lo += size
+    return out
+
+
+def _net(net: IPv4Network) -> MatchValue:
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return (str(net.network_address), str(net.netmask))
+
+
+def _dimensions(rule: Rule) -> list[list[Match]]:
+    dims: list[list[Match]] = []
+    if not rule.src.is_any:
+        dims.append([{"ipv4_src": _net(n)} for n in rule.src.nets])
+    if not rule.dst.is_any:
+        dims.append([{"ipv4_dst": _net(n)} for n in rule.dst.nets])
+    if rule.services:
+        services: list[Match] = []
+        for svc in rule.services:
+            proto = PROTO_NUMBERS[svc.proto]
+            if not svc.ports or svc.proto == "icmp":
+                services.append({"ip_proto": proto})
+                continue
+            field = f"{svc.proto}_dst"
+            for r in svc.ports:
+                services += [{"ip_proto": proto, field: v} for v in port_prefixes(r)]
+        dims.append(services)
+    return dims
+
+
+def rule_priority(position: int) -> int:
+    return RULE_PRIORITY_TOP - RULE_PRIORITY_STEP * position
+
+
+def _rule_flows(rule: Rule, position: int) -> list[Flow]:
+    t = SOCKET_PIPELINE["policy_rules"]
+    prio = rule_priority(position)
+    target = SOCKET_PIPELINE["policy_allow" if rule.action == "allow" else "policy_deny"]
+    decide = [SetReg(REG_RULE, rule.rule_id)]
+    note = f"policy_rules: {rule.action} {rule.name}: {rule.src} -> {rule.dst}"
+    dims = _dimensions(rule)
+    sizes = [len(d) for d in dims]
+    if len(dims) <= 1 or math.prod(sizes) <= sum(sizes) + 1:
+        out = []
+        for combo in itertools.product(*dims):
+            match: Match = {"eth_type": ETH_IPV4}
+            for part in combo:
+                match.update(part)
+            out.append(flow(t, prio, actions=decide, goto=target, owner=Owner.POLICY,
+                            note=note, **match))
+        return out
+    n = len(dims)
+    out = [flow(t, prio, actions=decide, goto=target, owner=Owner.POLICY, note=note,
+                eth_type=ETH_IPV4, conj_id=rule.rule_id)]
+    for k, dim in enumerate(dims, start=1):
+        for part in dim:
+            out.append(flow(t, prio, actions=[Conjunction(rule.rule_id, k, n)],
+                            owner=Owner.POLICY, note=f"{note} (clause {k}/{n})",
+                            eth_type=ETH_IPV4, **part))
+    return out
+
+
+def compile_policy(policy: Policy | None) -> frozenset[Flow]:
+    """Flows of tables 20-24. Without a policy: pass everything on (issue-2 behaviour)."""
+    p = SOCKET_PIPELINE
+    entry, state, rules_t = p["policy_entry"], p["policy_state"], p["policy_rules"]
+    allow, deny, after = p["policy_allow"], p["policy_deny"], p["dispatch"]
+    out: set[Flow] = {
+        flow(entry, 0, goto=after, note="policy_entry: not policed, go on"),
+        flow(state, 0, goto=rules_t, note="policy_state: evaluate the rules"),
+        flow(allow, 0, goto=after, note="policy_allow: established, go on"),
+        flow(deny, 0, note="policy_deny: drop"),
+    }
+    if policy is None:
+        out.add(flow(rules_t, 0, note="policy_rules: (no policy)"))
+        return frozenset(out)
+    for cls in POLICED_CLASSES:
+        out.add(flow(entry, 10, eth_type=ETH_IPV4, owner=Owner.POLICY,
+                     actions=[Ct(zone=ZONE_POLICY, table=state)],
+                     note="policy_entry: IPv4 through conntrack", **{REG_CLASS: cls}))
+    out |= {
+        flow(state, 30, ct_state=ct_state("+trk+inv"), note="policy_state: invalid, drop"),
+        flow(state, 20, ct_state=ct_state("+trk+est+rpl"), ct_mark=NOT_BLOCKED, goto=after,
+             note="policy_state: reply of an allowed connection"),
+        flow(state, 20, ct_state=ct_state("+trk+rel+rpl"), ct_mark=NOT_BLOCKED, goto=after,
+             note="policy_state: related reply (ICMP error) of an allowed connection"),
+        flow(state, 15, ct_state=ct_state("+trk+rpl"), ct_mark=BLOCKED,
+             note="policy_state: reply of a connection a deny has cut, drop"),
+    }
+    default_target = allow if policy.default == "allow" else deny
+    out.add(flow(rules_t, 0, actions=[SetReg(REG_RULE, 0)], goto=default_target,
+                 owner=Owner.POLICY, note=f"policy_rules: default {policy.default}"))
+    for position, rule in enumerate(policy.rules):
+        out.update(_rule_flows(rule, position))
+
+    allowing = [r.rule_id for r in policy.rules if r.action == "allow"]
+    if policy.default == "allow":
+        allowing.append(0)
+    for rule_id in allowing:
+        out.add(flow(allow, 20, ct_state=ct_state("+trk+new"), owner=Owner.POLICY,
+                     eth_type=ETH_IPV4,
+                     actions=[Ct(zone=ZONE_POLICY, commit=True, mark=NOT_BLOCKED, label=rule_id)],
+                     goto=after, note=f"policy_allow: commit, rule id {rule_id} in ct_label",
+                     **{REG_RULE: rule_id}))
+    out.add(flow(allow, 10, ct_state=ct_state("+trk+est"), ct_mark=BLOCKED, owner=Owner.POLICY,
+                 eth_type=ETH_IPV4,
+                 actions=[Ct(zone=ZONE_POLICY, commit=True, mark=NOT_BLOCKED)], goto=after,
+                 note="policy_allow: allowed again, unblock the connection"))
+
+    block = Ct(zone=ZONE_POLICY, commit=True, mark=BLOCKED)
+    out.add(flow(deny, 20, ct_state=ct_state("+trk+est"), actions=[block], owner=Owner.POLICY,
+                 eth_type=ETH_IPV4,
+                 note="policy_deny: cut the established connection (replies drop too)"))
+    logged = [r.rule_id for r in policy.rules if r.action == "deny" and r.log]
+    if policy.default == "deny" and policy.log_default:
+        logged.append(0)
+    for rule_id in logged:
+        report = ToController()
+        out.add(flow(deny, 30, ct_state=ct_state("+trk+est"), actions=[block, report],
+                     eth_type=ETH_IPV4,
+                     meter=METER_LOG, owner=Owner.POLICY,
+                     note=f"policy_deny: log (rate-limited) and cut, rule id {rule_id}",
+                     **{REG_RULE: rule_id}))
+        out.add(flow(deny, 25, actions=[report], meter=METER_LOG, owner=Owner.POLICY,
+                     note=f"policy_deny: log (rate-limited), rule id {rule_id}",
+                     **{REG_RULE: rule_id}))
+    return frozenset(out)
+
+
+def rule_flow_count(flows: Iterable[Flow]) -> int:
+    t = SOCKET_PIPELINE["policy_rules"]
+    return sum(1 for f in flows if f.table == t)
