@@ -85,12 +85,24 @@ def _find(idl: ovs.db.idl.Idl, table: str, name: str) -> Row | None:
 
 
 def _set(row: Row, column: str, value: Any) -> None:
-    """``setattr`` that fails loudly: python-ovs only *logs* a rejected value."""
+    """``setattr`` that fails loudly.
+
+    python-ovs drops a value that violates the schema (enum, range) and only
+    logs that through ovs.vlog, which is silent unless ``Vlog.init()`` ran.
+    Row references are not checked (their values are Row objects).
+    """
     setattr(row, column, value)
+    got = getattr(row, column)
     if isinstance(value, str | int | bool):
-        got = getattr(row, column)
-        if _opt(got) != value:
-            raise BootstrapError(f"OVSDB rejected {column}={value!r}")
+        ok = _opt(got) == value
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        ok = sorted(got) == sorted(value)
+    elif isinstance(value, dict):
+        ok = got == value
+    else:
+        return
+    if not ok:
+        raise BootstrapError(f"OVSDB schema rejected {column}={value!r}")
 
 
 def _wanted(cfg: HostConfig) -> list[tuple[str, str]]:
@@ -222,9 +234,9 @@ def _plan(cfg: HostConfig, idl: ovs.db.idl.Idl, txn: Txn) -> _Plan:
             br = txn.insert(idl.tables["Bridge"])
             _set(br, "name", br_name)
             _set(br, "datapath_type", cfg.datapath_type)
-            br.protocols = list(PROTOCOLS)
+            _set(br, "protocols", list(PROTOCOLS))
             _set(br, "fail_mode", FAIL_MODE)
-            br.other_config = dict(BRIDGE_OTHER_CONFIG)
+            _set(br, "other_config", dict(BRIDGE_OTHER_CONFIG))
             ctrl = txn.insert(idl.tables["Controller"])
             for column, value in want_ctrl.items():
                 _set(ctrl, column, value)
@@ -286,7 +298,7 @@ def _fix_bridge(cfg: HostConfig, br: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _
             f"{','.join(PROTOCOLS)}"
         )
         undo.columns.append(("Bridge", br.uuid, "protocols", list(br.protocols)))
-        br.protocols = list(PROTOCOLS)
+        _set(br, "protocols", list(PROTOCOLS))
     fail_mode = _opt(br.fail_mode)
     if fail_mode != FAIL_MODE:
         plan.changed.append(f"bridge {name}: fail_mode {fail_mode or 'unset'} -> {FAIL_MODE}")

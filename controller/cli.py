@@ -190,6 +190,39 @@ def trace(policy_file: str, src: str, dst: str, tcp_port: int | None, udp_port: 
 
 
 @main.command()
+@click.argument("policy_file", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg", "png"]),
+              default="mermaid", show_default=True,
+              help="svg and png are drawn by Graphviz `dot` (package graphviz)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="write to this file instead of standard output")
+def graph(policy_file: str, fmt: str, output: str | None) -> None:
+    """Draw the tiers and the rules between them (allow solid, deny dashed)."""
+    from topology.graph import GraphvizMissing, render, to_dot, to_mermaid
+
+    policy = _policy_arg(policy_file)
+    title = Path(policy_file).name
+    if fmt == "mermaid":
+        data = to_mermaid(policy, title).encode()
+    elif fmt == "dot":
+        data = to_dot(policy, title).encode()
+    else:
+        try:
+            data = render(to_dot(policy, title), fmt)
+        except GraphvizMissing as exc:
+            _fail([str(exc)], EXIT_FAILED)
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    try:
+        Path(output).write_bytes(data)
+    except OSError as exc:
+        _fail([f"cannot write {output}: {exc.strerror}"], EXIT_BAD_INPUT)
+    click.echo(f"wrote {output} ({fmt}, {len(data)} bytes)")
+
+
+@main.command()
 def pipeline() -> None:
     """Print the declared pipeline (the text of docs/pipeline.md)."""
     from topology.pipeline import pipeline_markdown

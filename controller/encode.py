@@ -15,9 +15,22 @@ SetReg("reg0", v)          NXActionRegLoad(ofs_nbits(0, 31), "reg0", v)  ("load:
 SetField(f, v)             OFPActionSetField(f=v)
 MoveField(src, dst)        NXActionRegMove(src_field, dst_field, n_bits, src_ofs, dst_ofs)
 Resubmit(t)                NXActionResubmitTable(in_port=0xfff8, table_id=t)
-Ct(zone, commit, table)    NXActionCT(flags, zone_src="", zone_ofs_nbits=zone, table|0xff)
+Ct(zone, commit, table,    NXActionCT(flags, zone_src="", zone_ofs_nbits=zone, table|0xff,
+   mark, label)              actions=[...]): the exec() loads, see `masked_set_field`:
+                           ct_mark mask all ones -> OFPActionSetField(ct_mark=v), else
+                           one NXActionRegLoad per contiguous run of mask bits;
+                           label -> NXActionRegLoad(ofs_nbits(0, 31), "ct_label", v)
+Conjunction(id, k, n)      NXActionConjunction(clause=k - 1, n_clauses=n, id_=id)
+                           (the wire clause is 0-based; ovs-ofctl prints k = clause + 1)
+ToController(max_len)      OFPActionOutput(OFPP_CONTROLLER, max_len)
 Learn(...)                 NXActionLearn(table_id, specs=[NXFlowSpecMatch/Load/Output])
+Flow.meter = N             OFPInstructionMeter(N), first instruction ("meter:N" first)
 =========================  ===========================================================
+
+`meter_mod` builds the OFPMeterMod (one drop band, packets per second, with burst)
+that creates or changes a meter. Send it before any flow naming the meter (OVS
+refuses such a flow with OFPMMFC_INVALID_METER) and outside bundles (OVS does not
+take meter mods in a bundle).
 
 NXM names ("NXM_OF_ETH_SRC[]", "NXM_NX_REG1[0..15]") map onto os-ken's
 NXM-class field names (``eth_src_nxm``, ``reg1``; see `NXM_FIELDS`), so a
@@ -45,6 +58,7 @@ from topology.model import (
     ALL_ONES64,
     LEARNED_COOKIE,
     Action,
+    Conjunction,
     Ct,
     Flow,
     Learn,
@@ -55,6 +69,7 @@ from topology.model import (
     Resubmit,
     SetField,
     SetReg,
+    ToController,
 )
 
 CACHE_SIZE = 1 << 18  # encoded flows kept per process (a few hundred bytes each)
@@ -100,6 +115,11 @@ _SUBFIELD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\[(?:(?P<start>\d+)(?:\.\.(?
 _IMMEDIATE_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]+|\d+)$")
 _IN_PORT_16 = 0xFFF8  # OFPP_IN_PORT in 16 bits: "resubmit(,T)" keeps the in_port
 _OUTPUT_REG_MAX_LEN = 0xFFFF  # what ovs-ofctl puts in output:<subfield>
+_CT_LABEL_MASK = 0xFFFFFFFF  # Ct.label: the low 32 bits of the 128-bit ct_label
+_MAX_CONJ_CLAUSES = 64  # OVS rejects conjunction(id, k/n) with n outside 2..64
+_METER_COMMANDS = {"add": "OFPMC_ADD", "modify": "OFPMC_MODIFY"}
+_IP_ETH_TYPES = (0x0800, 0x86DD)
+_CT_STATE_INV = 0x10
 
 
 class DatapathLike(Protocol):
@@ -182,6 +202,56 @@ def _port_number(ofproto: ModuleType, port: int | str) -> int:
     return number
 
 
+def _mask_runs(mask: int) -> Iterable[tuple[int, int]]:
+    """(first bit, number of bits) of each run of ones in ``mask``, lowest first."""
+    ofs = 0
+    while mask:
+        while not mask & 1:
+            mask >>= 1
+            ofs += 1
+        n = 0
+        while mask & 1:
+            mask >>= 1
+            n += 1
+        yield ofs, n
+        ofs += n
+
+
+def masked_set_field(parser: ModuleType, ofproto: ModuleType, field: str, value: int,
+                     mask: int) -> list[Any]:
+    """The OpenFlow 1.4 actions OVS encodes ``set_field:value/mask->field`` as.
+
+    A whole field is an OFPAT_SET_FIELD; a partial one (OF1.4 has no masked set-field)
+    one NXAST_REG_LOAD per contiguous run of mask bits, lowest run first, loading the
+    value's bits there (value bits outside the mask are dropped, as ovs-ofctl does;
+    an empty mask is no action at all). ``field`` is an os-ken name ("ct_mark").
+    """
+    width = field_bits(ofproto, field)
+    mask &= (1 << width) - 1
+    value &= mask
+    if mask == (1 << width) - 1:
+        return [parser.OFPActionSetField(**{field: value})]
+    out = []
+    for ofs, n_bits in _mask_runs(mask):
+        if n_bits > 64:
+            raise ValueError(f"set_field on {field}: a run of {n_bits} mask bits does not fit "
+                             "one 64-bit load")
+        out.append(parser.NXActionRegLoad(ofs_nbits=nicira_ext.ofs_nbits(ofs, ofs + n_bits - 1),
+                                          dst=field, value=(value >> ofs) & ((1 << n_bits) - 1)))
+    return out
+
+
+def _ct_exec(parser: ModuleType, ofproto: ModuleType, ct: Ct) -> list[Any]:
+    nested: list[Any] = []
+    if ct.mark is not None:
+        nested += masked_set_field(parser, ofproto, "ct_mark", ct.mark[0], ct.mark[1])
+    if ct.label is not None:
+        nested += masked_set_field(parser, ofproto, "ct_label", ct.label, _CT_LABEL_MASK)
+    if (ct.mark is not None or ct.label is not None) and not ct.commit:
+        raise ValueError(f"{ct!r}: ct_mark/ct_label can only be set with commit")
+    return nested
+
+
 def _learn_spec(parser: ModuleType, ofproto: ModuleType, spec: LearnSpec) -> Any:
     if spec.kind == "output":
         src = parse_subfield(spec.src, ofproto)
@@ -241,8 +311,19 @@ def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> An
                 zone_ofs_nbits=zone,
                 recirc_table=nicira_ext.NX_CT_RECIRC_NONE if table is None else table,
                 alg=0,
-                actions=[],
+                actions=_ct_exec(parser, ofproto, action),
             )
+        case Conjunction(id=cid, clause=clause, n_clauses=n):
+            if not 2 <= n <= _MAX_CONJ_CLAUSES or not 1 <= clause <= n:
+                raise ValueError(f"conjunction({cid},{clause}/{n}): need 1 <= clause <= n "
+                                 f"and 2 <= n <= {_MAX_CONJ_CLAUSES}")
+            if not 0 <= cid <= 0xFFFFFFFF:
+                raise ValueError(f"conjunction id {cid} does not fit 32 bits")
+            return parser.NXActionConjunction(clause=clause - 1, n_clauses=n, id_=cid)
+        case ToController(max_len=max_len):
+            if not 0 <= max_len <= 0xFFFF:
+                raise ValueError(f"CONTROLLER:{max_len}: max_len does not fit 16 bits")
+            return parser.OFPActionOutput(ofproto.OFPP_CONTROLLER, max_len)
         case Learn(table=table, priority=priority, idle_timeout=idle, specs=specs):
             return parser.NXActionLearn(
                 table_id=table,
@@ -278,11 +359,44 @@ def _serialize_tail(match: Any, instructions: Sequence[Any]) -> bytes:
     return bytes(buf)
 
 
+def check_flow(flow: Flow) -> None:
+    """Reject what OVS would refuse for reasons beyond single actions (ValueError):
+    the checks ``ovs-ofctl`` / ovs-vswitchd apply to the whole flow.
+
+    - conjunction actions cannot be combined with any other action;
+    - ct needs the match to pin eth_type to IPv4 or IPv6, and ct(commit) cannot
+      follow a ct_state=+inv match (OFPBAC_MATCH_INCONSISTENT on the switch, which
+      fails the whole bundle);
+    - the meter id must be 1..OFPM_MAX.
+    """
+    acts = flow.actions
+    if any(isinstance(a, Conjunction) for a in acts) and not all(
+            isinstance(a, Conjunction) for a in acts):
+        raise ValueError(f"{flow!r}: conjunction actions cannot be combined with other "
+                         "actions (OVS rejects it)")
+    cts = [a for a in acts if isinstance(a, Ct)]
+    if cts:
+        match = dict(flow.match)
+        if match.get("eth_type") not in _IP_ETH_TYPES:
+            raise ValueError(f"{flow!r}: ct needs eth_type 0x0800 or 0x86dd in the match "
+                             "(OVS: OFPBAC_MATCH_INCONSISTENT)")
+        state = match.get("ct_state")
+        if (isinstance(state, tuple) and int(state[0]) & int(state[1]) & _CT_STATE_INV
+                and any(a.commit for a in cts)):
+            raise ValueError(f"{flow!r}: ct(commit) on ct_state=+inv "
+                             "(OVS: OFPBAC_MATCH_INCONSISTENT)")
+    if flow.meter is not None and not 1 <= flow.meter <= 0xFFFF0000:  # OFPM_MAX
+        raise ValueError(f"{flow!r}: meter id {flow.meter} out of range 1..0xffff0000")
+
+
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _encoded(parser: ModuleType, flow: Flow) -> Encoded:
     ofproto = parser.ofproto
+    check_flow(flow)
     match = parser.OFPMatch(**dict(flow.match))
     instructions: list[Any] = []
+    if flow.meter is not None:  # OVS decodes the instructions in the order meter, apply, goto
+        instructions.append(parser.OFPInstructionMeter(flow.meter))
     if flow.actions:
         actions = [encode_action(parser, ofproto, a) for a in flow.actions]
         instructions.append(parser.OFPInstructionActions(ofproto.OFPIT_APPLY_ACTIONS, actions))
@@ -432,6 +546,31 @@ def loaded_value(stats: Any, reg: str) -> int | None:
     return found
 
 
+# ---------------------------------------------------------------- meters
+
+
+def meter_mod(dp: DatapathLike, meter_id: int, rate_pps: int, burst: int,
+              command: str = "add") -> Any:
+    """OFPMeterMod adding (or modifying) meter ``meter_id``: drop what exceeds
+    ``rate_pps`` packets per second, allowing bursts of ``burst`` packets
+    (flags PKTPS|BURST; ovs-ofctl: ``meter=N pktps burst bands=type=drop rate=R
+    burst_size=B``)."""
+    ofproto, parser = dp.ofproto, dp.ofproto_parser
+    if command not in _METER_COMMANDS:
+        raise ValueError(f"meter command {command!r}: expected one of {sorted(_METER_COMMANDS)}")
+    if not 1 <= meter_id <= ofproto.OFPM_MAX:
+        raise ValueError(f"meter id {meter_id} out of range 1..{ofproto.OFPM_MAX:#x}")
+    if not 1 <= rate_pps <= 0xFFFFFFFF or not 0 <= burst <= 0xFFFFFFFF:
+        raise ValueError(f"meter {meter_id}: rate {rate_pps} / burst {burst} out of range")
+    return parser.OFPMeterMod(
+        dp,
+        command=getattr(ofproto, _METER_COMMANDS[command]),
+        flags=ofproto.OFPMF_PKTPS | ofproto.OFPMF_BURST,
+        meter_id=meter_id,
+        bands=[parser.OFPMeterBandDrop(rate=rate_pps, burst_size=burst)],
+    )
+
+
 # ---------------------------------------------------------------- bundles
 
 
@@ -474,6 +613,7 @@ __all__ = [
     "bundle_messages",
     "cache_clear",
     "cache_info",
+    "check_flow",
     "encode_action",
     "encoded",
     "field_bits",
@@ -482,6 +622,8 @@ __all__ = [
     "flow_mod_delete_out_port",
     "flow_mod_delete_strict",
     "loaded_value",
+    "masked_set_field",
+    "meter_mod",
     "parse_subfield",
     "serialize",
 ]

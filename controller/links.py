@@ -141,13 +141,11 @@ def veth_pair_exists(a: str, b: str, *, netns: str | None = None) -> bool:
             return False
         if la is None or lb is None:
             have, missing = (a, b) if la is not None else (b, a)
-            msg = la if la is not None else lb
-            detail = ""
-            try:
-                detail = f" (its peer is {_veth_peer(ipr, msg, have, netns)})"
-            except LinkError as exc:
-                detail = f" ({exc})"
-            raise LinkError(f"{have} exists{_where(netns)} but its peer {missing} does not{detail}")
+            peer = _veth_peer(ipr, la if la is not None else lb, have, netns)  # raises if no veth
+            raise LinkError(
+                f"{have} exists{_where(netns)} but its peer {missing} does not "
+                f"({have} is paired with {peer})"
+            )
         peer = _veth_peer(ipr, la, a, netns)
         if peer != b:
             raise LinkError(f"veth {a}{_where(netns)} is paired with {peer}, not with {b}")

@@ -57,14 +57,27 @@ class Container:
 
 
 class SocketLab:
+    """One host. The keyword arguments let ``labs.mesh_lab`` reuse it for each of its hosts:
+    container ids per host, the mesh uplink names (``["vx-*"]``) and the containers' MTU
+    (1370 when L2 crosses VXLAN over WireGuard)."""
+
     def __init__(self, prefix: str, workdir: Path, *, port_style: str = "proxmox",
-                 controller_port: int = 6653) -> None:
+                 controller_port: int = 6653,
+                 privacy_ids: tuple[int, ...] = PRIVACY_IDS,
+                 service_ids: tuple[int, ...] = SERVICE_IDS,
+                 mesh_uplinks: tuple[str, ...] = ("nm-privacy",),
+                 mtu: int | None = None) -> None:
         if len(prefix) > 8:
             raise ValueError("prefix must be at most 8 characters (interface name limits)")
         self.prefix = prefix
         self.workdir = Path(workdir)
         self.port_style = port_style  # "proxmox": veth100i0, "seed": veth100
         self.controller_port = controller_port
+        self.privacy_ids = tuple(privacy_ids)
+        self.service_ids = tuple(service_ids)
+        self.mesh_uplinks = tuple(mesh_uplinks)
+        self.mtu = mtu  # containers' MTU (both veth ends); None: the kernel's 1500
+        self.undeclared: set[int] = set()  # containers host.yaml does not declare
         self.host = f"{prefix}h"
         self.mesh_ns = f"{prefix}m"
         self.exit_ns = f"{prefix}x"
@@ -79,23 +92,33 @@ class SocketLab:
     def port_name(self, vmid: int) -> str:
         return f"veth{vmid}" if self.port_style == "seed" else f"veth{vmid}i0"
 
+    def container_ip(self, vmid: int) -> str:
+        return container_ip(vmid)
+
+    def container_routes(self, ns: str, vmid: int) -> None:
+        nsl.add_default_route(ns, GATEWAY)
+
     @property
     def namespaces(self) -> list[str]:
         return [self.host, self.mesh_ns, self.exit_ns, self.inet_ns,
                 *(c.ns for c in self.containers.values())]
 
     def host_config(self) -> str:
+        # Proxmox knows each container's hwaddr and IP: declare them (the anti-spoofing
+        # guard then needs no learning). `undeclared` containers are learned once.
         containers = "\n".join(
-            f'  {vmid}: {{mac: "{container_mac(vmid)}", ip: {container_ip(vmid)}/24}}'
-            for vmid in PRIVACY_IDS
+            f'  {vmid}: {{mac: "{container_mac(vmid)}", ip: {self.container_ip(vmid)}/24}}'
+            for vmid in (*self.privacy_ids, *self.service_ids)
+            if vmid not in self.undeclared
         )
+        uplinks = ", ".join(json.dumps(u) for u in self.mesh_uplinks)
         return (
             f"host: {self.prefix}\n"
             f"ovsdb: {self.ovs.db_remote}\n"
             "datapath_type: netdev\n"
             f"controller: {{listen: 'tcp:127.0.0.1:{self.controller_port}'}}\n"
             "bridges:\n"
-            "  mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}\n"
+            f"  mesh: {{name: mesh, uplinks: [{uplinks}], to_socket: to-socket}}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
             f"containers:\n{containers}\n"
         )
@@ -110,19 +133,25 @@ class SocketLab:
         return self
 
     def _up(self, controller: bool) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for ns in (self.host, self.mesh_ns, self.exit_ns, self.inet_ns):
+        for ns in (self.mesh_ns, self.exit_ns, self.inet_ns):
             nsl.create_netns(ns)
             nsl.disable_ipv6(ns)
-        self.ovs.start()
-        self.config_path.write_text(self.host_config())
-        self.socknet("bootstrap")
+        self.start_host()
         self._wire_mesh_side()
         self._wire_exit()
-        for vmid in (*PRIVACY_IDS, *SERVICE_IDS):
+        for vmid in (*self.privacy_ids, *self.service_ids):
             self.add_container(vmid)
         if controller:
             self.start_controller()
+
+    def start_host(self) -> None:
+        """The host namespace, its private OVS, host.yaml and ``socknet bootstrap``."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        nsl.create_netns(self.host)
+        nsl.disable_ipv6(self.host)
+        self.ovs.start()
+        self.config_path.write_text(self.host_config())
+        self.socknet("bootstrap")
 
     def down(self) -> None:
         self.stop_controller()
@@ -168,13 +197,13 @@ class SocketLab:
             nsl.create_netns(ns)
             nsl.disable_ipv6(ns)
         port = self.port_name(vmid)
-        nsl.add_veth(port, "eth0", self.host, ns)
+        nsl.add_veth(port, "eth0", self.host, ns, mtu=self.mtu)
         nsl.tx_off(self.host, port)
         nsl.tx_off(ns, "eth0")
-        c = Container(vmid, ns, port, container_ip(vmid), container_mac(vmid))
+        c = Container(vmid, ns, port, self.container_ip(vmid), container_mac(vmid))
         nsl.set_mac(ns, "eth0", c.mac)
         nsl.add_addr(ns, "eth0", f"{c.ip}/24")
-        nsl.add_default_route(ns, GATEWAY)
+        self.container_routes(ns, vmid)
         self.ovs.add_port("vmbr0", port)
         self.containers[vmid] = c
         return c
@@ -246,18 +275,22 @@ def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labs.lab")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring the lab up and leave it running")
-    up.add_argument("--hosts", type=int, default=1)
+    up.add_argument("--hosts", type=int, default=1,
+                    help="1: this one-host lab; 2 or 3: labs.mesh_lab (real WireGuard mesh)")
     up.add_argument("--prefix", default="snlab")
     sub.add_parser("down", help="tear down whatever `up` started")
     args = parser.parse_args(argv)
     state = STATE_DIR / "state.json"
     if args.cmd == "up":
-        if args.hosts != 1:
-            print("only --hosts 1 is available so far (multi-host lab: issue 4)", file=sys.stderr)
+        if args.hosts not in (1, 2, 3):
+            print("--hosts must be 1, 2 or 3", file=sys.stderr)
             return 2
         if state.exists():
             print(f"a lab is already up ({state}); run `make lab-down` first", file=sys.stderr)
             return 1
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        if args.hosts > 1:
+            return _mesh_up(args.prefix, args.hosts, state)
         lab = SocketLab(args.prefix, STATE_DIR / args.prefix)
         lab.up()
         controller_pid = lab.controller.pid if lab.controller else None
@@ -272,9 +305,17 @@ def _main(argv: list[str] | None = None) -> int:
         print("no lab is up", file=sys.stderr)
         return 0
     info = json.loads(state.read_text())
+    if info.get("kind") == "mesh":
+        from labs.mesh_lab import MeshLab
+
+        MeshLab(info["prefix"], STATE_DIR / info["prefix"], hosts=info["hosts"]).down()
+        shutil.rmtree(STATE_DIR / info["prefix"], ignore_errors=True)
+        state.unlink()
+        print("lab down")
+        return 0
     lab = SocketLab(info["prefix"], STATE_DIR / info["prefix"])
     lab.containers = {v: Container(v, f"{lab.prefix}c{v}", lab.port_name(v), "", "")
-                      for v in (*PRIVACY_IDS, *SERVICE_IDS)}
+                      for v in (*lab.privacy_ids, *lab.service_ids)}
     if info.get("controller_pid"):
         try:
             os.kill(info["controller_pid"], signal.SIGTERM)
@@ -284,6 +325,21 @@ def _main(argv: list[str] | None = None) -> int:
     shutil.rmtree(STATE_DIR / info["prefix"], ignore_errors=True)
     state.unlink()
     print("lab down")
+    return 0
+
+
+def _mesh_up(prefix: str, hosts: int, state: Path) -> int:
+    from labs.mesh_lab import MeshLab
+
+    lab = MeshLab(prefix, STATE_DIR / prefix, hosts=hosts)
+    # written first: `lab-down` can clean up even if `up` is interrupted
+    state.write_text(json.dumps({"kind": "mesh", "prefix": prefix, "hosts": hosts}))
+    try:
+        lab.up()
+    except BaseException:
+        state.unlink(missing_ok=True)
+        raise
+    print(lab.describe())
     return 0
 
 

@@ -243,6 +243,8 @@ def add_route(
     kw: dict[str, Any] = {"dst": dst}
     if gateway is not None:
         kw["gateway"] = gateway
+    else:
+        kw["scope"] = 253  # on-link, as `ip route add DST dev IF` does
     with iproute(ns) as ipr:
         if ifname is not None:
             kw["oif"] = _index(ipr, ns, ifname)

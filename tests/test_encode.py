@@ -26,6 +26,7 @@ from topology.flows import desired_state
 from topology.model import (
     LEARNED_COOKIE,
     OWNED_COOKIE_MASK,
+    Conjunction,
     Ct,
     Flow,
     Learn,
@@ -37,6 +38,7 @@ from topology.model import (
     Resubmit,
     SetField,
     SetReg,
+    ToController,
     ct_state,
     flow,
     learn_mac_to_port,
@@ -127,6 +129,116 @@ COVERAGE_FLOWS: list[Flow] = [
 ]
 
 
+# What the policy stage writes: conjunctive matches over masked addresses and port
+# ranges, conntrack commit with ct_mark/ct_label, verdicts read back from ct_mark /
+# ct_label / reg2, and rate-limited (metered) copies to the controller for logging.
+_NET_EDGE = ("10.10.0.0", "255.255.255.0")
+_NET_APP = ("10.20.0.0", "255.255.255.0")
+_IP, _TCP, _UDP = (("eth_type", 0x0800),), (("eth_type", 0x0800), ("ip_proto", 6)), (
+    ("eth_type", 0x0800), ("ip_proto", 17))
+POLICY_FLOWS: list[Flow] = [
+    # conjunction 7 = src in edge AND dst in app AND tcp dst in 9000-9007 or 22, all at
+    # one priority; one flow contributes to two conjunctions
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(*_IP, ("ipv4_src", _NET_EDGE)),
+         actions=(Conjunction(7, 1, 3), Conjunction(8, 1, 2))),
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(*_IP, ("ipv4_dst", _NET_APP)),
+         actions=(Conjunction(7, 2, 3),)),
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(*_TCP, ("tcp_dst", (0x2328, 0xFFF8))),
+         actions=(Conjunction(7, 3, 3),)),
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(*_TCP, ("tcp_dst", 22)),
+         actions=(Conjunction(7, 3, 3),)),
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(*_UDP, ("udp_dst", (0x35, 0xFFFF))),
+         actions=(Conjunction(8, 2, 2),)),
+    # the conjunctions' verdicts: commit with mark and label, and remember the rule
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(("conj_id", 7), *_IP),
+         actions=(SetReg("reg2", 4), Ct(zone=5, commit=True, mark=(0x1, 0x1), label=4),
+                  Resubmit(40))),
+    Flow(table=30, priority=200, owner=Owner.POLICY, match=(("conj_id", 8), *_IP),
+         actions=(Ct(zone=5, commit=True, table=41, mark=(0x105, 0xF0F), label=0xFFFFFFFF),)),
+    Flow(table=30, priority=190, owner=Owner.POLICY,
+         match=(*_IP, ("ipv4_src", ("10.30.0.0", "255.255.0.0")),
+                ("ipv4_dst", ("100.64.0.0", "255.192.0.0"))),
+         actions=(Ct(zone=5, commit=True, mark=(0x2, 0xFFFFFFFF)),)),
+    Flow(table=30, priority=180, owner=Owner.POLICY, match=(*_IP,),
+         actions=(Ct(zone=5, commit=True, label=0x1_0000_0009),)),  # label: low 32 bits
+    # conntrack lookup that recirculates, and established replies skipping the rules
+    Flow(table=29, priority=100, owner=Owner.POLICY,
+         match=(("ct_state", ct_state("-trk")), *_IP), actions=(Ct(zone=5, table=30),)),
+    Flow(table=29, priority=110, owner=Owner.POLICY,
+         match=(("ct_state", ct_state("+trk+est+rpl")), *_IP), goto=40),
+    Flow(table=29, priority=110, owner=Owner.POLICY,
+         match=(("ct_state", ct_state("+trk+est-rpl")), ("ct_mark", (0x1, 0x1)), *_IP), goto=40),
+    Flow(table=29, priority=105, owner=Owner.POLICY,
+         match=(("ct_state", ct_state("+trk+est")), ("ct_mark", 2), *_IP), actions=()),
+    Flow(table=29, priority=104, owner=Owner.POLICY,
+         match=(("ct_label", (4, 0xFFFFFFFF)), *_IP), actions=(Output(3),)),
+    Flow(table=29, priority=103, owner=Owner.POLICY,
+         match=(("ct_label", 9), *_IP), actions=(Output(4),)),
+    # icmp echo, the rule id in reg2, logging at most N packets/s to the controller
+    Flow(table=31, priority=50, owner=Owner.POLICY,
+         match=(*_IP, ("ip_proto", 1), ("icmpv4_type", 8), ("ipv4_dst", _NET_APP)),
+         actions=(Conjunction(9, 1, 2),)),
+    Flow(table=31, priority=40, owner=Owner.POLICY, meter=1, match=(("reg2", 4),),
+         actions=(ToController(128),), goto=40),
+    Flow(table=31, priority=30, owner=Owner.POLICY, meter=2,
+         match=(("reg2", (0x10000, 0xFFFF0000)), *_IP),
+         actions=(ToController(128), SetReg("reg2", 0), Output(2))),
+    Flow(table=31, priority=20, owner=Owner.POLICY, meter=0xFFFF0000, match=()),  # meter only
+    Flow(table=31, priority=10, owner=Owner.POLICY, match=(),
+         actions=(ToController(65535), ToController(0))),
+]
+
+
+# Policies as topology.policy_compile turns them into flows (a conjunctive match per
+# rule with enough addresses x services, plain flows otherwise, masked port ranges,
+# internal tiers' implicit deny towards the internet, logging deny rules).
+POLICY_YAML = {
+    "deny-by-default": """
+tiers:
+  edge: {cidrs: [10.10.0.0/24]}
+  app:  {cidrs: [10.20.0.0/24, 10.21.0.0/25], internal: true}
+  db:   {cidrs: [10.30.0.0/24], internal: true}
+externals:
+  tailnet: {cidrs: [100.64.0.0/10]}
+  monitor: {cidrs: [192.0.2.7/32]}
+policy:
+  default: deny
+  rules:
+    - {name: web-in,   from: internet, to: edge, tcp: [443, 80]}
+    - {name: edge-app, from: edge,     to: app,  tcp: [3000, 8080]}
+    - {name: app-db,   from: app,      to: db,   tcp: [5432]}
+    - {name: admin,    from: tailnet,  to: [edge, app], tcp: ["22", "9000-9010"], udp: [51820]}
+    - {name: ping,     from: monitor,  to: [edge, app, db], icmp: true}
+    - {name: dns,      from: [app, db], to: edge, udp: [53], tcp: [53]}
+    - {name: no-ssh-db, from: any,     to: db,   tcp: [22], action: deny, log: true}
+tests:
+  - {from: 10.20.0.5, to: 10.30.0.9, tcp: 5432, expect: allow}
+  - {from: 10.30.0.9, to: 10.20.0.5, tcp: 3000, expect: deny}
+""",
+    "allow-by-default": """
+tiers:
+  lan: {cidrs: [192.168.0.0/16]}
+  iot: {cidrs: [172.16.5.0/24]}
+policy:
+  default: allow
+  log_default: false
+  rules:
+    - {name: iot-out, from: iot, to: internet, proto: any, action: deny, log: true}
+    - {name: iot-lan, from: iot, to: lan, udp: ["1024-65535"], action: deny}
+    - {name: lan-iot, from: lan, to: iot, tcp: true}
+""",
+}
+
+
+def policy_flows(name: str | None) -> list[Flow]:
+    """The policy stage's flows for POLICY_YAML[name] (None: no policy file)."""
+    from topology.policy import parse_policy  # noqa: PLC0415
+    from topology.policy_compile import compile_policy  # noqa: PLC0415
+
+    policy = None if name is None else parse_policy(POLICY_YAML[name], f"{name}.yaml")
+    return sorted(compile_policy(policy), key=sort_key)
+
+
 # ---------------------------------------------------------------- ovs-ofctl helpers
 
 _PREFIX = re.compile(r"^OFPT_[A-Z_]+ \(OF1\.4\) \(xid=0x[0-9a-f]+\):\s*")
@@ -204,6 +316,91 @@ def test_sent_flows_decode_like_printed_flows(tmp_path: Path, sample: str, bridg
 @needs_ofctl
 def test_every_action_and_match_kind_decodes_like_printed(tmp_path: Path) -> None:
     assert_same_decoding(tmp_path, COVERAGE_FLOWS)
+
+
+@needs_ofctl
+def test_policy_stage_flows_decode_like_printed(tmp_path: Path) -> None:
+    assert_same_decoding(tmp_path, POLICY_FLOWS)
+
+
+@needs_ofctl
+@pytest.mark.parametrize("name", [*sorted(POLICY_YAML), None])
+def test_compiled_policy_flows_decode_like_printed(tmp_path: Path, name: str | None) -> None:
+    flows = policy_flows(name)
+    assert_same_decoding(tmp_path, flows)
+    if name is None:
+        return
+    kinds = {type(a).__name__ for f in flows for a in f.actions}
+    assert {"Ct", "SetReg", "ToController"} <= kinds
+    assert any(f.meter is not None for f in flows)
+    if name == "deny-by-default":  # rules with enough addresses x services: conjunctions
+        assert "Conjunction" in kinds
+        assert any(k == "conj_id" for f in flows for k, _ in f.match)
+        assert any(isinstance(v, tuple) and k == "tcp_dst" for f in flows for k, v in f.match)
+
+
+@needs_ofctl
+def test_policy_stage_flows_decode_to_the_intended_ovs_text(tmp_path: Path) -> None:
+    """Spot checks of what OVS makes of them (the agreement alone would also pass if
+    render and encode were wrong in the same way)."""
+    text = "\n".join(re.sub(r" cookie:0x[0-9a-f]+", "", _body(r)) for r in ofp_parse(
+        tmp_path, [encode.flow_mod_add(DP, f) for f in POLICY_FLOWS]))
+    for want in [
+        "nw_src=10.10.0.0/24 actions=conjunction(7,1/3),conjunction(8,1/2)",
+        "tp_dst=0x2328/0xfff8 actions=conjunction(7,3/3)",
+        "conj_id=7,ip actions=load:0x4->NXM_NX_REG2[],ct(commit,zone=5,"
+        "exec(load:0x1->NXM_NX_CT_MARK[0],load:0x4->NXM_NX_CT_LABEL[0..31])),resubmit(,40)",
+        "ct(commit,table=41,zone=5,exec(load:0x5->NXM_NX_CT_MARK[0..3],"
+        "load:0x1->NXM_NX_CT_MARK[8..11],load:0xffffffff->NXM_NX_CT_LABEL[0..31]))",
+        "ct(commit,zone=5,exec(set_field:0x2->ct_mark))",
+        "ct(commit,zone=5,exec(load:0x9->NXM_NX_CT_LABEL[0..31]))",
+        "ct_state=-trk,ip actions=ct(table=30,zone=5)",
+        "ct_state=+est+rpl+trk,ip actions=goto_table:40",
+        "ct_mark=0x1/0x1",
+        "ct_label=0x4/0xffffffff",
+        "icmp_type=8",
+        "reg2=0x4 actions=meter:1,CONTROLLER:128,goto_table:40",
+        "actions=meter:2,CONTROLLER:128,load:0->NXM_NX_REG2[],output:2",
+        "priority=20 actions=meter:4294901760",
+        "actions=CONTROLLER:65535,CONTROLLER:0",
+    ]:
+        assert want in text, f"{want!r} not in\n{text}"
+
+
+@needs_ofctl
+def test_meter_mod_decodes(tmp_path: Path) -> None:
+    path = tmp_path / "meters.bin"
+    path.write_bytes(encode.serialize(encode.meter_mod(DP, 1, 10, 20), 0x20)
+                     + encode.serialize(encode.meter_mod(DP, 2, 1000, 0, command="modify"), 0x21))
+    assert _run_ofctl("ofp-parse", str(path)).splitlines() == [
+        "OFPT_METER_MOD (OF1.4) (xid=0x20): ADD meter=1 pktps burst bands=",
+        "type=drop rate=10 burst_size=20",
+        "OFPT_METER_MOD (OF1.4) (xid=0x21): MOD meter=2 pktps burst bands=",
+        "type=drop rate=1000 burst_size=0",
+    ]
+
+
+def test_meter_mod_fields() -> None:
+    msg = encode.meter_mod(DP, 3, 50, 100)
+    assert (msg.command, msg.meter_id) == (OFP.OFPMC_ADD, 3)
+    assert msg.flags == OFP.OFPMF_PKTPS | OFP.OFPMF_BURST
+    [band] = msg.bands
+    assert isinstance(band, PARSER.OFPMeterBandDrop)
+    assert (band.rate, band.burst_size) == (50, 100)
+    buf = encode.serialize(msg, 9)
+    parsed = PARSER.OFPMeterMod.parser(DP, OFP.OFP_VERSION, OFP.OFPT_METER_MOD, len(buf), 9, buf)
+    assert (parsed.command, parsed.flags, parsed.meter_id) == (msg.command, msg.flags, 3)
+    assert [(b.rate, b.burst_size) for b in parsed.bands] == [(50, 100)]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"meter_id": 0}, {"meter_id": OFP.OFPM_MAX + 1}, {"rate_pps": 0},
+    {"burst": -1}, {"command": "delete"},
+])
+def test_bad_meter_mods_are_rejected(kwargs: dict[str, Any]) -> None:
+    args: dict[str, Any] = {"meter_id": 1, "rate_pps": 10, "burst": 10, **kwargs}
+    with pytest.raises(ValueError):
+        encode.meter_mod(DP, **args)
 
 
 @needs_ofctl
@@ -310,7 +507,8 @@ def _plain_flow_mod(f: Flow) -> Any:
     )
 
 
-@pytest.mark.parametrize("f", [*sample_flows("sample", "vmbr0"), *COVERAGE_FLOWS],
+@pytest.mark.parametrize("f", [*sample_flows("sample", "vmbr0"), *COVERAGE_FLOWS,
+                               *POLICY_FLOWS, *policy_flows("deny-by-default")[::7]],
                          ids=lambda f: f"t{f.table}p{f.priority}-{f.cookie:x}")
 def test_fast_serialization_is_byte_identical(f: Flow) -> None:
     fast = encode.flow_mod_add(DP, f)
@@ -321,7 +519,11 @@ def test_fast_serialization_is_byte_identical(f: Flow) -> None:
     assert (parsed.table_id, parsed.priority) == (f.table, f.priority)
     assert (parsed.idle_timeout, parsed.hard_timeout, parsed.flags) == (
         f.idle_timeout, f.hard_timeout, 0)
-    assert len(parsed.instructions) == (1 if f.actions else 0) + (f.goto is not None)
+    assert len(parsed.instructions) == (
+        (1 if f.actions else 0) + (f.goto is not None) + (f.meter is not None))
+    if f.meter is not None:
+        assert isinstance(parsed.instructions[0], PARSER.OFPInstructionMeter)
+        assert parsed.instructions[0].meter_id == f.meter
 
 
 def test_replaced_match_falls_back_to_full_serialization() -> None:
@@ -384,10 +586,76 @@ def test_bad_subfields_are_rejected(bad: str) -> None:
     Learn(1, 1, 0, (LearnSpec("match", "NXM_OF_IN_PORT[]", "NXM_NX_REG0[]"),)),
     Learn(1, 1, 0, (LearnSpec("match", "0x10000", "NXM_OF_ETH_TYPE[]"),)),
     Learn(1, 1, 0, (LearnSpec("fetch", "NXM_OF_IN_PORT[]"),)),
+    Ct(zone=1, mark=(1, 1)),  # exec(set_field) needs commit (OVS: OFPBAC_BAD_ARGUMENT)
+    Ct(zone=1, label=1),
+    Conjunction(1, 3, 2),
+    Conjunction(1, 0, 2),
+    Conjunction(1, 1, 1),
+    Conjunction(1, 1, 65),
+    Conjunction(1 << 32, 1, 2),
+    ToController(1 << 16),
 ])
 def test_inconsistent_actions_are_rejected(action: Any) -> None:
     with pytest.raises(ValueError):
         encode.flow_mod_add(DP, Flow(table=1, priority=1, match=(), actions=(action,)))
+
+
+@pytest.mark.parametrize("f", [
+    Flow(table=1, priority=1, match=(), actions=(Conjunction(1, 1, 2), Output(1))),
+    Flow(table=1, priority=1, match=(), meter=0, actions=(Output(1),)),
+    Flow(table=1, priority=1, match=(), meter=OFP.OFPM_MAX + 1),
+    Flow(table=1, priority=1, match=(("ct_state", ct_state("-trk")),),
+         actions=(Ct(zone=1, table=2),)),  # ct without an IP eth_type
+    Flow(table=1, priority=1, match=(("eth_type", 0x0806),), actions=(Ct(zone=1),)),
+    Flow(table=1, priority=1, match=(("eth_type", 0x0800), ("ct_state", ct_state("+trk+inv"))),
+         actions=(Ct(zone=1, commit=True),)),
+])
+def test_inconsistent_flows_are_rejected(f: Flow) -> None:
+    with pytest.raises(ValueError):
+        encode.flow_mod_add(DP, f)
+
+
+@needs_ofctl
+@pytest.mark.parametrize("text", [
+    "table=1,priority=1,ct_state=-trk actions=ct(zone=1,table=2)",
+    "table=1,priority=1,arp actions=ct(zone=1)",
+    "table=1,priority=1,ip,ct_state=+trk+inv actions=ct(commit,zone=1)",
+    "table=1,priority=1 actions=conjunction(1,1/2),output:1",
+])
+def test_ovs_rejects_what_check_flow_rejects(tmp_path: Path, text: str) -> None:
+    """The flow-level checks mirror OVS (keep them in step when OVS changes)."""
+    assert OFCTL is not None
+    path = tmp_path / "bad.txt"
+    path.write_text(text + "\n")
+    proc = subprocess.run([OFCTL, "-O", "OpenFlow14", "parse-flows", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0, proc.stdout
+
+
+def test_ct_accepts_ipv4_and_ipv6_and_commit_on_not_invalid() -> None:
+    for eth_type in (0x0800, 0x86DD):
+        encode.check_flow(Flow(table=1, priority=1, match=(("eth_type", eth_type),),
+                               actions=(Ct(zone=1, table=2),)))
+    encode.check_flow(Flow(table=1, priority=1, match=(
+        ("eth_type", 0x0800), ("ct_state", ct_state("+trk-inv"))), actions=(Ct(1, commit=True),)))
+
+
+def test_conjunction_clause_is_zero_based_on_the_wire() -> None:
+    act = encode.encode_action(PARSER, OFP, Conjunction(7, 2, 3))
+    assert isinstance(act, PARSER.NXActionConjunction)
+    assert (act.id, act.clause, act.n_clauses) == (7, 1, 3)
+
+
+def test_masked_set_field_splits_the_mask_like_ovs() -> None:
+    whole = encode.masked_set_field(PARSER, OFP, "ct_mark", 7, 0xFFFFFFFF)
+    assert [type(a).__name__ for a in whole] == ["OFPActionSetField"]
+    assert (whole[0].key, whole[0].value) == ("ct_mark", 7)
+    runs = encode.masked_set_field(PARSER, OFP, "ct_mark", 0x1F5, 0xF0F)
+    assert [(a.dst, a.ofs_nbits >> 6, (a.ofs_nbits & 0x3F) + 1, a.value) for a in runs] == [
+        ("ct_mark", 0, 4, 0x5), ("ct_mark", 8, 4, 0x1)]
+    assert encode.masked_set_field(PARSER, OFP, "ct_mark", 7, 0) == []
+    [label] = encode.masked_set_field(PARSER, OFP, "ct_label", 0x1_2345_6789, 0xFFFFFFFF)
+    assert (label.dst, label.ofs_nbits, label.value) == ("ct_label", 31, 0x2345_6789)
 
 
 # ---------------------------------------------------------------- reading learned flows

@@ -22,6 +22,7 @@ from labs import netns as nsl
 from labs.lab import INTERNET_IP, MESH_SERVICE_IP, MESH_USER_IP, SocketLab
 from labs.pkt import Sniffer, send_frame
 from topology.model import LEARNED_COOKIE
+from topology.pipeline import METER_RATES
 
 pytestmark = pytest.mark.ovs
 
@@ -237,6 +238,10 @@ def test_switch_flows_equal_socknet_flows(lab: SocketLab):
         lab.ovs.vsctl("add-br", scratch, "--", "set", "bridge", scratch,
                       "datapath_type=netdev", "fail_mode=secure")
         try:
+            for meter_id, rate in METER_RATES.items():  # flows may rate-limit through them
+                lab.ovs.ofctl("add-meter", lab.ovs.mgmt(scratch),
+                              f"meter={meter_id},pktps,burst,band=type=drop,rate={rate},"
+                              f"burst_size={rate}")
             flows_file = lab.workdir / f"{bridge}.flows"
             flows_file.write_text(text)
             lab.ovs.ofctl("add-flows", lab.ovs.mgmt(scratch), str(flows_file))

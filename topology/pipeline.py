@@ -106,7 +106,7 @@ SOCKET_PIPELINE = Pipeline(
         _t(23, "policy_allow", "commit new connections with the rule id in ct_label",
            (REG_RULE, "ct_state", "ct_mark", "eth_type")),
         _t(24, "policy_deny", "drop; cut established connections (ct_mark blocked); log "
-           "rate-limited to the controller", (REG_RULE, "ct_state", "eth_type")),
+           "rate-limited to the controller", (REG_RULE, "ct_state", "ct_mark", "eth_type")),
         _t(30, "dispatch", "send each port class to its forwarding stage",
            (REG_CLASS, "eth_type", "arp_op", "arp_tpa")),
         _t(35, "privacy_egress", "privacy containers: ARP/non-IP to WARP only, IPv4 to conntrack",
@@ -187,7 +187,7 @@ def pipeline_markdown() -> str:
         f"Conntrack zone {ZONE_PRIVACY}: connections opened from the mesh towards privacy "
         "containers (their replies may go back to the mesh, nothing else may). "
         f"Zone {ZONE_POLICY}: the tier policy; ct_label holds the allowing rule's id, "
-        "ct_mark bit 0 marks a connection a deny has cut.",
+        "ct_mark bit 1 marks a connection the policy committed, bit 0 one a deny has cut.",
         "",
         f"Meters: {METER_LOG} = denied-packet logs, {METER_LEARN} = address learning "
         "(packets/s to the controller, excess dropped in the switch).",

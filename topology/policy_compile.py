@@ -40,8 +40,11 @@ from topology.pipeline import (
 from topology.policy import PROTO_NUMBERS, Policy, PortRange, Rule
 
 ETH_IPV4 = 0x0800
-BLOCKED = (1, 1)  # ct_mark bit 0: a deny cut this connection
-NOT_BLOCKED = (0, 1)
+# ct_mark bits of zone ZONE_POLICY: bit 1 = committed by the policy, bit 0 = a deny cut it.
+COMMITTED = (0b10, 0b10)
+ALLOWED = (0b10, 0b11)  # committed and not cut: written on allow, matched for replies
+BLOCKED = (0b11, 0b11)  # written when a deny cuts a committed connection
+IS_BLOCKED = (0b01, 0b01)
 RULE_PRIORITY_TOP = 60000
 RULE_PRIORITY_STEP = 10
 POLICED_CLASSES = (CLASS_SERVICE, CLASS_MESH, CLASS_GATEWAY)
@@ -140,11 +143,11 @@ def compile_policy(policy: Policy | None) -> frozenset[Flow]:
                      note="policy_entry: IPv4 through conntrack", **{REG_CLASS: cls}))
     out |= {
         flow(state, 30, ct_state=ct_state("+trk+inv"), note="policy_state: invalid, drop"),
-        flow(state, 20, ct_state=ct_state("+trk+est+rpl"), ct_mark=NOT_BLOCKED, goto=after,
+        flow(state, 20, ct_state=ct_state("+trk+est+rpl"), ct_mark=ALLOWED, goto=after,
              note="policy_state: reply of an allowed connection"),
-        flow(state, 20, ct_state=ct_state("+trk+rel+rpl"), ct_mark=NOT_BLOCKED, goto=after,
+        flow(state, 20, ct_state=ct_state("+trk+rel+rpl"), ct_mark=ALLOWED, goto=after,
              note="policy_state: related reply (ICMP error) of an allowed connection"),
-        flow(state, 15, ct_state=ct_state("+trk+rpl"), ct_mark=BLOCKED,
+        flow(state, 15, ct_state=ct_state("+trk+rpl"), ct_mark=IS_BLOCKED,
              note="policy_state: reply of a connection a deny has cut, drop"),
     }
     default_target = allow if policy.default == "allow" else deny
@@ -159,25 +162,27 @@ def compile_policy(policy: Policy | None) -> frozenset[Flow]:
     for rule_id in allowing:
         out.add(flow(allow, 20, ct_state=ct_state("+trk+new"), owner=Owner.POLICY,
                      eth_type=ETH_IPV4,
-                     actions=[Ct(zone=ZONE_POLICY, commit=True, mark=NOT_BLOCKED, label=rule_id)],
+                     actions=[Ct(zone=ZONE_POLICY, commit=True, mark=ALLOWED, label=rule_id)],
                      goto=after, note=f"policy_allow: commit, rule id {rule_id} in ct_label",
                      **{REG_RULE: rule_id}))
-    out.add(flow(allow, 10, ct_state=ct_state("+trk+est"), ct_mark=BLOCKED, owner=Owner.POLICY,
+    out.add(flow(allow, 10, ct_state=ct_state("+trk"), ct_mark=IS_BLOCKED, owner=Owner.POLICY,
                  eth_type=ETH_IPV4,
-                 actions=[Ct(zone=ZONE_POLICY, commit=True, mark=NOT_BLOCKED)], goto=after,
+                 actions=[Ct(zone=ZONE_POLICY, commit=True, mark=ALLOWED)], goto=after,
                  note="policy_allow: allowed again, unblock the connection"))
 
     block = Ct(zone=ZONE_POLICY, commit=True, mark=BLOCKED)
-    out.add(flow(deny, 20, ct_state=ct_state("+trk+est"), actions=[block], owner=Owner.POLICY,
-                 eth_type=ETH_IPV4,
-                 note="policy_deny: cut the established connection (replies drop too)"))
+    # Only connections the policy committed are marked: a denied first packet leaves
+    # no conntrack state behind.
+    out.add(flow(deny, 20, ct_state=ct_state("+trk"), ct_mark=COMMITTED, actions=[block],
+                 owner=Owner.POLICY, eth_type=ETH_IPV4,
+                 note="policy_deny: cut the committed connection (replies drop too)"))
     logged = [r.rule_id for r in policy.rules if r.action == "deny" and r.log]
     if policy.default == "deny" and policy.log_default:
         logged.append(0)
     for rule_id in logged:
         report = ToController()
-        out.add(flow(deny, 30, ct_state=ct_state("+trk+est"), actions=[block, report],
-                     eth_type=ETH_IPV4,
+        out.add(flow(deny, 30, ct_state=ct_state("+trk"), ct_mark=COMMITTED,
+                     actions=[block, report], eth_type=ETH_IPV4,
                      meter=METER_LOG, owner=Owner.POLICY,
                      note=f"policy_deny: log (rate-limited) and cut, rule id {rule_id}",
                      **{REG_RULE: rule_id}))

@@ -50,8 +50,9 @@ in lib/classifier.c and ofproto/ofproto-dpif-xlate.c:
   that does not match eth_type IPv4/IPv6, or with mark/label but no commit,
   and so does the simulator; a non-IP packet that reaches ct anyway is left
   untracked (ct_state 0).
-* `ToController` is a packet-in: recorded in `Result.packet_ins`, not an
-  output. A flow's meter (rate limit) is noted in the log and not applied.
+* `ToController` (and ``Output("CONTROLLER")``) is a packet-in: recorded in
+  `Result.packet_ins`, not an output. A flow's meter (rate limit) is noted in
+  the log and not applied.
 * `learn` adds a flow to its table, or replaces the flow with the same
   table, priority and match (like ``ovs-ofctl --strict mod-flows``; even a
   flow socknet installed). Learned flows carry `LEARNED_COOKIE`, are visible
@@ -65,10 +66,14 @@ in lib/classifier.c and ofproto/ofproto-dpif-xlate.c:
   up again with conj_id=id among ordinary flows only. If that lookup finds a
   flow it is the result, otherwise the search goes on (lower priorities, then
   H's flow). Several satisfied ids at one priority ("unpredictable" in OVS)
-  are tried in increasing id order. The model has no conjunction action yet:
-  any action whose class is named ``Conjunction`` and has ``id``, ``clause``
-  (1-based) and ``n_clauses`` is one (duck typing), so the policy stage can
-  add it to `topology.model` without changing this module.
+  are tried in increasing id order. Conjunction actions are recognised by
+  duck typing: any action whose class is named ``Conjunction`` and has
+  ``id``, ``clause`` (1-based) and ``n_clauses`` (`topology.model.Conjunction`
+  is one), so this module does not depend on how the model spells it.
+
+`Switch.replace_flows` swaps the installed flows as reconciliation does,
+keeping learned flows and connections (e.g. to see a policy change cut a live
+connection).
 
 Flows are checked when a `Switch` is built, and `FlowError` names what OVS
 would refuse or what makes the outcome depend on installation order: unknown
@@ -120,11 +125,9 @@ IP_PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 ZERO_MAC = "00:00:00:00:00:00"
 
-# OpenFlow 1.1+ reserved port numbers an Output may name.
-OFPP_IN_PORT = 0xFFFFFFF8
-OFPP_CONTROLLER = 0xFFFFFFFD
+# OpenFlow 1.1+ number of the LOCAL port (the bridge's own interface).
 OFPP_LOCAL = 0xFFFFFFFE
-RESERVED_PORTS = {"LOCAL": OFPP_LOCAL, "CONTROLLER": OFPP_CONTROLLER}
+RESERVED_PORTS = {"LOCAL": OFPP_LOCAL}
 MAX_PORT = 0xFEFF  # OVS assigns ports 1..0xfeff (ovs-fields(7), in_port)
 
 MAX_TABLE = 254
@@ -490,7 +493,7 @@ def _match_str(name: str, value: MatchValue) -> str:
 def flow_str(flow: Flow) -> str:
     """Match and actions of a flow in ovs-ofctl syntax (without cookie and table)."""
     match = ",".join(_match_str(name, value) for name, value in flow.match)
-    acts = [f"meter:{flow.meter}"] if getattr(flow, "meter", None) is not None else []
+    acts = [f"meter:{flow.meter}"] if flow.meter is not None else []
     acts += [action_str(a) for a in flow.actions]
     if flow.goto is not None:
         acts.append(f"goto_table:{flow.goto}")
@@ -564,7 +567,7 @@ def _check_table(table: int, what: str) -> None:
 
 def _check_output(port: int | str, what: str) -> None:
     if isinstance(port, str):
-        if port not in ("IN_PORT", "ALL", "FLOOD", *RESERVED_PORTS):
+        if port not in ("IN_PORT", "ALL", "FLOOD", "CONTROLLER", *RESERVED_PORTS):
             raise FlowError(f"{what}: unsupported port {port!r}")
     elif not 0 <= port <= 0xFFFFFFFF:
         raise FlowError(f"{what}: bad port {port}")
@@ -1097,7 +1100,7 @@ class Switch:
         extra += f" (TIED with {len(hit.tied)} other flow(s))" if hit.tied else ""
         note = f"  # {rule.flow.note}" if rule.flow.note else ""
         run.note(f"table {table}: {flow_str(rule.flow)}{extra}{note}", depth)
-        if getattr(rule.flow, "meter", None) is not None:
+        if rule.flow.meter is not None:
             run.note(f"meter:{rule.flow.meter}: rate limit not simulated", depth)
 
     # -------------------------------------------------------- lookup
@@ -1145,9 +1148,8 @@ class Switch:
                 self._ct(run, state, action, depth)
             case Learn():
                 self._learn(run, state, action, depth)
-            case ToController(max_len=max_len):
-                run.result.packet_ins.append(state.packet())
-                run.note(f"packet-in to the controller (max_len={max_len})", depth)
+            case ToController():
+                self._packet_in(run, state, depth)
             case _:
                 raise FlowError(f"cannot execute {action!r}")
 
@@ -1155,6 +1157,8 @@ class Switch:
         in_port = state.get("in_port")
         if port == "IN_PORT":
             run.emit(in_port, state, depth)
+        elif port == "CONTROLLER":
+            self._packet_in(run, state, depth)
         elif port in ("ALL", "FLOOD"):
             if self.ports is None:
                 run.note(f"output:{port} skipped: the switch was built without ports", depth)
@@ -1169,6 +1173,10 @@ class Switch:
                 run.note(f"output:{number} skipped: no such port", depth)
             else:
                 run.emit(number, state, depth)
+
+    def _packet_in(self, run: _Run, state: _State, depth: int) -> None:
+        run.result.packet_ins.append(state.packet())
+        run.note("packet-in to the controller", depth)
 
     def _port_exists(self, number: int) -> bool:
         if number in RESERVED_PORTS.values():

@@ -1,0 +1,83 @@
+"""The one-host lab with tier policy: service containers in tier subnets, a
+service gateway (the host's router, with a stand-in internet address behind
+it) and a tailnet user on the mesh side.
+
+    <p>g   the service gateway: eth0 <-> svcgw0 on vmbr0 (10.255.255.254/8),
+           and the stand-in internet host 198.18.1.1 on its loopback
+    <p>m   the mesh side gains a tailnet address, 100.64.0.5
+
+Containers reach each other on-link across tier subnets (10.0.0.0/8) and the
+tailnet on-link through the mesh; everything else via the gateway.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from labs import netns as nsl
+from labs.lab import GATEWAY, SocketLab
+
+SERVICE_GW_IP = "10.255.255.254"
+SERVICE_INTERNET_IP = "198.18.1.1"
+TAILNET_USER_IP = "100.64.0.5"
+
+
+class PolicyLab(SocketLab):
+    def __init__(self, prefix: str, workdir: Path, policy_text: str,
+                 services: dict[int, str], **kw: object) -> None:
+        super().__init__(prefix, workdir, service_ids=tuple(services), **kw)  # type: ignore[arg-type]
+        self.service_ips = dict(services)
+        self.gw_ns = f"{prefix}g"
+        self.policy_path = self.workdir / "policy.yaml"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.policy_path.write_text(policy_text)
+
+    def write_policy(self, text: str) -> None:
+        """Replace the policy file the way editors do (write aside, rename)."""
+        tmp = self.policy_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.policy_path)
+
+    def container_ip(self, vmid: int) -> str:
+        return self.service_ips.get(vmid) or super().container_ip(vmid)
+
+    def container_routes(self, ns: str, vmid: int) -> None:
+        if vmid not in self.service_ips:
+            super().container_routes(ns, vmid)
+            return
+        nsl.add_route(ns, "10.0.0.0/8", ifname="eth0")
+        nsl.add_route(ns, "100.64.0.0/10", ifname="eth0")
+        nsl.add_default_route(ns, SERVICE_GW_IP)
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [*super().namespaces, self.gw_ns]
+
+    def host_config(self) -> str:
+        text = super().host_config().replace(
+            "socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}",
+            "socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0, gateway: svcgw0}",
+        )
+        return text + "policy: policy.yaml\n"
+
+    def _wire_mesh_side(self) -> None:
+        super()._wire_mesh_side()
+        nsl.add_addr(self.mesh_ns, "eth0", f"{TAILNET_USER_IP}/10")
+        nsl.add_route(self.mesh_ns, "10.0.0.0/8", ifname="eth0")
+
+    def _wire_exit(self) -> None:
+        super()._wire_exit()
+        nsl.create_netns(self.gw_ns)
+        nsl.disable_ipv6(self.gw_ns)
+        nsl.add_veth("svcgw0", "eth0", self.host, self.gw_ns)
+        nsl.tx_off(self.host, "svcgw0")
+        nsl.tx_off(self.gw_ns, "eth0")
+        nsl.set_mac(self.gw_ns, "eth0", "02:00:00:00:fe:01")
+        nsl.add_addr(self.gw_ns, "eth0", f"{SERVICE_GW_IP}/8")
+        nsl.add_route(self.gw_ns, "100.64.0.0/10", ifname="eth0")
+        nsl.add_addr(self.gw_ns, "lo", f"{SERVICE_INTERNET_IP}/32")
+        self.ovs.add_port("vmbr0", "svcgw0")
+
+
+__all__ = ["GATEWAY", "PolicyLab", "SERVICE_GW_IP", "SERVICE_INTERNET_IP", "TAILNET_USER_IP"]
