@@ -270,7 +270,7 @@ def status(cfg: HostConfig, as_json: bool) -> None:
     """Bridges, ports and their roles, controller connection, flows per table."""
     from controller.status import collect_status, format_status
 
-    data = collect_status(cfg)
+    data = collect_status(cfg, _policy_path(cfg))
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:

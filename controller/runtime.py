@@ -122,6 +122,10 @@ class Controller:
     def session(self, dpid: int) -> SwitchSession | None:
         return self._sessions.get(dpid)
 
+    def session_for(self, bridge: str) -> SwitchSession | None:
+        dpid = self._dpids.get(bridge)
+        return self._sessions.get(dpid) if dpid is not None else None
+
     def ovsdb_changed(self, ports: dict[str, dict[str, int]], dpids: dict[str, int]) -> None:
         """New view of bridges and ports from OVSDB: recompute, reconcile what changed."""
         with self._lock:

@@ -73,6 +73,10 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     )
     controller.start()
     threading.Thread(target=follow_ovsdb, name="socknet-ovsdb", daemon=True).start()
+    if cfg.metrics.enabled:
+        from controller.metrics import serve_metrics
+
+        serve_metrics(controller, cfg.metrics.host, cfg.metrics.port)
     log.info("started", listen=cfg.controller.listen, ovsdb=cfg.ovsdb, host=cfg.host,
              policy=str(policy_path) if policy_path else None,
              rules=len(policy.rules) if policy else 0)

@@ -14,6 +14,39 @@ from topology.model import Owner, cookie_owner
 from topology.pipeline import PIPELINES
 
 _FLOW_RE = re.compile(r"cookie=0x(?P<cookie>[0-9a-f]+).*?table=(?P<table>\d+)")
+_STATS_RE = re.compile(r"n_packets=(?P<pkts>\d+), n_bytes=(?P<bytes>\d+)")
+_RULE_RE = re.compile(r"load:(?P<id>0x[0-9a-f]+|\d+)->NXM_NX_REG2\[\]")
+
+
+def _ofctl(cfg: HostConfig, *args: str) -> subprocess.CompletedProcess[str] | None:
+    ofctl = shutil.which("ovs-ofctl")
+    if ofctl is None:
+        return None
+    return subprocess.run([ofctl, "-O", "OpenFlow14", *args], capture_output=True, text=True,
+                          timeout=10)
+
+
+def rule_counters(cfg: HostConfig, policy: Any) -> list[dict[str, Any]]:
+    """Packets/bytes per policy rule, from the switch's policy_rules flow statistics."""
+    t = PIPELINES["socket"].by_name("policy_rules").number
+    res = _ofctl(cfg, "dump-flows", mgmt_target(cfg, cfg.bridges.socket.name), f"table={t}")
+    if res is None or res.returncode != 0:
+        return []
+    pkts: Counter[int] = Counter()
+    nbytes: Counter[int] = Counter()
+    for line in res.stdout.splitlines():
+        rule, stats = _RULE_RE.search(line), _STATS_RE.search(line)
+        if rule and stats:
+            rule_id = int(rule.group("id"), 0)
+            pkts[rule_id] += int(stats.group("pkts"))
+            nbytes[rule_id] += int(stats.group("bytes"))
+    out = []
+    for r in policy.rules:
+        out.append({"rule": r.name, "action": r.action, "packets": pkts.get(r.rule_id, 0),
+                    "bytes": nbytes.get(r.rule_id, 0)})
+    out.append({"rule": "default", "action": policy.default, "packets": pkts.get(0, 0),
+                "bytes": nbytes.get(0, 0)})
+    return out
 
 
 def mgmt_target(cfg: HostConfig, bridge: str) -> str:
@@ -27,11 +60,9 @@ def mgmt_target(cfg: HostConfig, bridge: str) -> str:
 
 def flow_counts(cfg: HostConfig, bridge: str) -> dict[str, Any]:
     """Flows per table (and learned ones apart), read with ovs-ofctl over the mgmt socket."""
-    ofctl = shutil.which("ovs-ofctl")
-    if ofctl is None:
+    res = _ofctl(cfg, "dump-flows", mgmt_target(cfg, bridge))
+    if res is None:
         return {"error": "ovs-ofctl not installed"}
-    res = subprocess.run([ofctl, "-O", "OpenFlow14", "dump-flows", mgmt_target(cfg, bridge)],
-                         capture_output=True, text=True, timeout=10)
     if res.returncode != 0:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
     per_table: Counter[int] = Counter()
@@ -49,7 +80,7 @@ def flow_counts(cfg: HostConfig, bridge: str) -> dict[str, Any]:
             "foreign": foreign}
 
 
-def collect_status(cfg: HostConfig) -> dict[str, Any]:
+def collect_status(cfg: HostConfig, policy_path: Path | None = None) -> dict[str, Any]:
     from controller.ovsdb import OvsdbError, OvsdbView, status_data
 
     try:
@@ -62,6 +93,13 @@ def collect_status(cfg: HostConfig) -> dict[str, Any]:
     for name, bridge in data["bridges"].items():
         if bridge.get("present"):
             bridge["flows"] = flow_counts(cfg, name)
+    if policy_path is not None:
+        from topology.policy import PolicyError, load_policy
+
+        try:
+            data["rules"] = rule_counters(cfg, load_policy(policy_path))
+        except PolicyError as exc:
+            data["problems"].append(f"policy file: {exc.problems[0]}")
     return data
 
 
@@ -93,6 +131,11 @@ def format_status(data: dict[str, Any]) -> str:
                 lines.append(f"  table {t.number:>3} {t.name:<16} {n:>6} flows{extra}")
             if flows.get("foreign"):
                 lines.append(f"  foreign flows (not socknet's): {flows['foreign']}")
+    if data.get("rules"):
+        lines.append("policy rules (packets / bytes decided, from the switch's counters):")
+        for r in data["rules"]:
+            lines.append(f"  {r['rule']:<24} {r['action']:<5} {r['packets']:>10} "
+                         f"{r['bytes']:>12}")
     for problem in data.get("problems", []):
         lines.append(f"problem: {problem}")
     return "\n".join(lines) + "\n"

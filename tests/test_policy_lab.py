@@ -4,6 +4,7 @@ hot reload, refused reloads, spoofing."""
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -213,3 +214,38 @@ def test_sighup_reload_and_no_loss_on_allowed_traffic(lab: PolicyLab):
         stream.close()
     assert sent > 500
     assert received == sent
+
+
+def _scrape(lab: PolicyLab) -> str:
+    code = ("import urllib.request;"
+            "print(urllib.request.urlopen('http://127.0.0.1:9464/metrics', timeout=10)"
+            ".read().decode())")
+    res = nsl.run(lab.host, [sys.executable, "-c", code])
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+        if not labels and line.startswith(f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{want}}} not in metrics")
+
+
+def test_rule_counters_in_status_and_metrics(lab: PolicyLab):
+    before = _metric(_scrape(lab), "socknet_rule_packets_total", rule="app-db")
+    for _ in range(3):
+        assert tcp(lab, APP, DB, 5432)
+    assert not tcp(lab, EDGE, DB, 5432)
+    text = _scrape(lab)
+    assert _metric(text, "socknet_rule_packets_total", rule="app-db") >= before + 3
+    assert _metric(text, "socknet_rule_packets_total", rule="default") >= 1
+    assert _metric(text, "socknet_switch_connected", bridge="vmbr0") == 1
+    assert _metric(text, "socknet_policy_generation") >= 1
+    assert _metric(text, "socknet_flows", bridge="vmbr0", table="22", owner="socknet") > 10
+    out = lab.socknet("status", check=False).stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("app-db"))
+    assert int(line.split()[2]) >= 3

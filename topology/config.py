@@ -119,6 +119,28 @@ class ControllerCfg(_Strict):
         return f"{proto}:{host}:{self.port}"
 
 
+class MetricsCfg(_Strict):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"  # loopback unless you say otherwise
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not ADDRESS:PORT")
+        ipaddress.ip_address(host.strip("[]"))
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class MeshBridgeCfg(_Strict):
     name: IfName = "mesh"
     uplinks: list[IfName] = Field(default_factory=lambda: ["nm-privacy"], min_length=1)
@@ -191,6 +213,7 @@ class HostConfig(_Strict):
     ovsdb: str = "unix:/var/run/openvswitch/db.sock"
     datapath_type: Literal["system", "netdev"] = "system"
     controller: ControllerCfg = ControllerCfg()
+    metrics: MetricsCfg = MetricsCfg()
     bridges: BridgesCfg
     containers: dict[int, ContainerCfg] = Field(default_factory=dict)
     policy: str | None = None

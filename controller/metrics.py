@@ -1,0 +1,115 @@
+"""Prometheus metrics (prometheus-client), read from the running controller at scrape time.
+
+Per-rule counters come from the switch's own flow statistics: the packets and
+bytes of the policy_rules flows of each rule (their reg2 load names the rule).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from controller import encode
+from controller.logs import get_logger
+from controller.runtime import Controller
+from controller.switch import SwitchError
+from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK
+from topology.pipeline import REG_RULE, SOCKET_PIPELINE
+
+log = get_logger("socknet.metrics")
+
+
+def rule_counters(flows: list[Any]) -> dict[int, tuple[int, int]]:
+    """rule id -> (packets, bytes), summed over the policy_rules flows that decide it."""
+    out: Counter[int] = Counter()
+    out_bytes: Counter[int] = Counter()
+    for f in flows:
+        rule_id = encode.loaded_value(f.flow_stats, REG_RULE)
+        if rule_id is None:
+            continue
+        out[rule_id] += f.packets
+        out_bytes[rule_id] += f.bytes
+    return {k: (out[k], out_bytes[k]) for k in out}
+
+
+class ControllerCollector(Collector):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Any]:
+        c = self.controller
+        s = c.stats
+        simple = [
+            ("socknet_flow_mods_total", "Flow-mods sent", s.flow_mods),
+            ("socknet_bundles_total", "OpenFlow bundles committed", s.bundles),
+            ("socknet_reconciles_total", "Reconcile passes", s.reconciles),
+            ("socknet_noop_reconciles_total", "Reconcile passes that sent nothing",
+             s.noop_reconciles),
+            ("socknet_errors_total", "Reconcile errors", s.errors),
+            ("socknet_port_events_total", "OVSDB changes handled", s.port_events),
+            ("socknet_packet_ins_total", "Packet-ins received", s.packet_ins),
+            ("socknet_denied_logged_total", "Denied packets logged (rate-limited by meter)",
+             s.denied_logged),
+        ]
+        for name, doc, value in simple:
+            yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
+        reloads = CounterMetricFamily("socknet_policy_reloads", "Policy reloads by outcome",
+                                      labels=["outcome"])
+        reloads.add_metric(["ok"], s.reloads_ok)
+        reloads.add_metric(["refused"], s.reloads_refused)
+        yield reloads
+        yield GaugeMetricFamily("socknet_policy_generation", "Policy generation in force",
+                                value=s.policy_generation)
+        yield GaugeMetricFamily("socknet_policy_reload_check_seconds",
+                                "Parse+validate+test time of the last accepted reload",
+                                value=s.last_reload_ms / 1000)
+        yield GaugeMetricFamily("socknet_learned_bindings", "Container addresses learned",
+                                value=len(c.bindings))
+        connected = GaugeMetricFamily("socknet_switch_connected", "Switch connected",
+                                      labels=["bridge"])
+        tables = GaugeMetricFamily("socknet_flows", "Flows installed per table",
+                                   labels=["bridge", "table", "owner"])
+        rules_pkts = CounterMetricFamily("socknet_rule_packets", "Packets decided per rule",
+                                         labels=["rule", "action"])
+        rules_bytes = CounterMetricFamily("socknet_rule_bytes", "Bytes decided per rule",
+                                          labels=["rule", "action"])
+        for bridge in (c.cfg.bridges.mesh.name, c.cfg.bridges.socket.name):
+            session = c.session_for(bridge)
+            connected.add_metric([bridge], 1 if session is not None else 0)
+            if session is None:
+                continue
+            try:
+                flows = session.flows()
+            except SwitchError as exc:
+                log.warning("metrics_flow_stats_failed", bridge=bridge, error=str(exc))
+                continue
+            per: Counter[tuple[int, str]] = Counter()
+            for f in flows:
+                learned = (f.cookie & OWNED_COOKIE_MASK) == LEARNED_COOKIE
+                per[(f.table, "learned" if learned else "socknet")] += 1
+            for (table, owner), n in sorted(per.items()):
+                tables.add_metric([bridge, str(table), owner], n)
+            if bridge == c.cfg.bridges.socket.name and c.policy is not None:
+                t = SOCKET_PIPELINE["policy_rules"]
+                for rule_id, (pkts, nbytes) in rule_counters(
+                        [f for f in flows if f.table == t]).items():
+                    rule = c.policy.rule_by_id(rule_id)
+                    name = rule.name if rule else "default"
+                    action = rule.action if rule else c.policy.default
+                    rules_pkts.add_metric([name, action], pkts)
+                    rules_bytes.add_metric([name, action], nbytes)
+        yield connected
+        yield tables
+        yield rules_pkts
+        yield rules_bytes
+
+
+def serve_metrics(controller: Controller, host: str, port: int) -> None:
+    REGISTRY.register(ControllerCollector(controller))
+    start_http_server(port, addr=host)
+    log.info("metrics_listening", address=f"{host}:{port}")
