@@ -21,7 +21,7 @@ from controller.switch import SwitchError, SwitchSession
 from topology.config import HostConfig
 from topology.flows import Binding, DesiredState, desired_state
 from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK
-from topology.pipeline import METER_RATES, REG_OUT, SOCKET_PIPELINE
+from topology.pipeline import MESH_PIPELINE, METER_RATES, REG_OUT, SOCKET_PIPELINE
 from topology.policy import Policy
 
 log = get_logger("socknet.runtime")
@@ -323,15 +323,26 @@ class Controller:
         """Drop learned flows that point at ports that are gone (their number may be reused)."""
         dpid = self._dpids.get(bridge)
         session = self._sessions.get(dpid) if dpid is not None else None
-        if session is None or bridge != self.cfg.bridges.socket.name:
+        if session is None:
             return
         dp = session.dp
+        if bridge == self.cfg.bridges.mesh.name:
+            # a peer's uplink is gone: the MACs learned behind it are flooded again
+            table = MESH_PIPELINE["mesh_l2"]
+        elif bridge == self.cfg.bridges.socket.name:
+            table = SOCKET_PIPELINE["service_l2"]
+        else:
+            return
         mods = [
-            encode.flow_mod_delete_out_port(
-                dp, SOCKET_PIPELINE["service_l2"], port, LEARNED_COOKIE, OWNED_COOKIE_MASK
-            )
+            encode.flow_mod_delete_out_port(dp, table, port, LEARNED_COOKIE, OWNED_COOKIE_MASK)
             for port in sorted(ofports)
         ]
+        if table == MESH_PIPELINE["mesh_l2"]:
+            try:
+                session.send(mods)
+            except SwitchError as exc:
+                log.error("forget_learned_failed", bridge=bridge, error=str(exc))
+            return
         try:
             learned = session.flows(SOCKET_PIPELINE["privacy_hosts"], LEARNED_COOKIE,
                                     OWNED_COOKIE_MASK)

@@ -84,9 +84,12 @@ def test_desired_state_passes_pipeline_check_and_is_deterministic():
 
 def test_mesh_flows_only_forward_uplinks_and_to_socket():
     mesh = desired_state(CFG, PORTS)["mesh"]
-    by_in = {f.match_dict.get("in_port"): f for f in mesh}
-    assert by_in[1].actions == (Output(2),) and by_in[3].actions == (Output(2),)
-    assert by_in[2].actions == (Output(1), Output(3))
+    by_in = {f.match_dict.get("in_port"): f for f in mesh if f.table == 0}
+    outputs = {k: [a for a in f.actions if isinstance(a, Output)] for k, f in by_in.items()}
+    assert outputs[1] == [Output(2)] and outputs[3] == [Output(2)]  # peers -> host only
+    assert by_in[2].goto == MESH_PIPELINE["mesh_l2"] and not outputs[2]
+    flood = next(f for f in mesh if f.table == MESH_PIPELINE["mesh_l2"] and not f.match)
+    assert flood.actions == (Output(1), Output(3))  # to-socket -> every peer, never port 4
     assert 4 not in by_in  # eth9: only the default drop applies
     assert by_in[None].is_drop and by_in[None].priority == 0
 
@@ -169,8 +172,9 @@ def test_plan_port_change_touches_only_that_port():
     assert added_in_ports == {10}
     deleted = [f for f in before if f.cookie in p.delete_cookies]
     assert {f.match_dict.get("in_port") for f in deleted if f.table == 0} == {6}
-    # the service flood changed too (member 6 -> 10); nothing else
-    assert len(p.add) == 2 and len(p.delete_cookies) == 2
+    # its spoof guard (learn path) and the service flood (member 6 -> 10) change too
+    assert sorted(f.table for f in p.add) == [0, 10, 50]
+    assert sorted(f.table for f in deleted) == [0, 10, 50]
     p2 = plan(after, [f.cookie for f in before] + [0x1234])
     assert 0x1234 in p2.delete_cookies  # foreign flows go
 

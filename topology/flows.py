@@ -36,6 +36,7 @@ from topology.pipeline import (
     CLASS_SERVICE,
     CLASS_WARP,
     LEARN_IDLE_TIMEOUT,
+    MESH_LEARN_IDLE_TIMEOUT,
     MESH_PIPELINE,
     METER_LEARN,
     REG_CLASS,
@@ -91,19 +92,26 @@ def _of_role(ports: list[BoundPort], role: Role) -> list[BoundPort]:
 
 
 def mesh_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
-    t = MESH_PIPELINE["mesh_isolation"]
+    t, l2 = MESH_PIPELINE["mesh_isolation"], MESH_PIPELINE["mesh_l2"]
     bound = bound_ports(cfg, cfg.bridges.mesh.name, ports)
     uplinks = _of_role(bound, Role.MESH_UPLINK)
     to_socket = _of_role(bound, Role.TO_SOCKET)
     out = {flow(t, 0, note="mesh: default drop (isolation)")}
+    # Which peer (uplink) each remote MAC sits behind; ages out when the peer goes quiet.
+    learn_peer = learn_mac_to_port(l2, 10, MESH_LEARN_IDLE_TIMEOUT)
     for sock in to_socket:
         for up in uplinks:
-            out.add(flow(t, 100, in_port=up.ofport, actions=[Output(sock.ofport)],
-                         owner=Owner.PORTS, note=f"mesh: {up.name} -> {sock.name}"))
+            # split horizon: what a peer sends goes to the host only, never to another peer
+            out.add(flow(t, 100, in_port=up.ofport, actions=[learn_peer, Output(sock.ofport)],
+                         owner=Owner.PORTS, note=f"mesh: {up.name} -> {sock.name} (learn peer)"))
         if uplinks:
-            out.add(flow(t, 100, in_port=sock.ofport,
-                         actions=[Output(up.ofport) for up in uplinks], owner=Owner.PORTS,
-                         note=f"mesh: {sock.name} -> {', '.join(u.name for u in uplinks)}"))
+            out.add(flow(t, 100, in_port=sock.ofport, goto=l2, owner=Owner.PORTS,
+                         note=f"mesh: {sock.name} -> mesh_l2"))
+            names = ", ".join(u.name for u in uplinks)
+            out.add(flow(l2, 0, actions=[Output(up.ofport) for up in uplinks],
+                         owner=Owner.PORTS, note=f"mesh_l2: unknown -> every peer ({names})"))
+    if not any(f.table == l2 for f in out):
+        out.add(flow(l2, 0, note="mesh_l2: no uplink, drop"))
     return frozenset(out)
 
 

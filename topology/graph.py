@@ -4,9 +4,10 @@
 Mermaid (``flowchart LR``) and Graphviz DOT text; `render` turns DOT into SVG
 or PNG with Graphviz's ``dot`` (Debian package graphviz). No other I/O.
 
-Every written rule (not the implicit ``internal:`` ones) becomes one edge per
-(source, destination) name it lists, labelled with the rule's name and
-services: allows solid, denies dashed. Internal tiers are marked on their
+Every written rule (not the implicit ``internal:`` ones) draws an edge for
+each (source, destination) name it lists; the rules of one action between the
+same two nodes share an edge, labelled "rule: services" per rule, in rule
+order: allows solid, denies dashed. Internal tiers are marked on their
 node ("no internet"); the default is in the legend.
 """
 
@@ -40,17 +41,28 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Edge:
-    src: str  # node ids
-    dst: str
-    rule: str
-    action: Literal["allow", "deny"]
+class EdgeRule:
+    name: str
     services: str
     log: bool
 
     @property
+    def lines(self) -> tuple[str, str]:
+        return (f"{self.name}{' (log)' if self.log else ''}:", self.services)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """The rules of one action between two nodes, in rule order."""
+
+    src: str  # node ids
+    dst: str
+    action: Literal["allow", "deny"]
+    rules: tuple[EdgeRule, ...]
+
+    @property
     def lines(self) -> tuple[str, ...]:
-        return (self.rule + (" (log)" if self.log else ""), self.services)
+        return tuple(line for r in self.rules for line in r.lines)
 
 
 @dataclass(frozen=True)
@@ -79,7 +91,7 @@ def _cidrs(nets: tuple[IPv4Network, ...]) -> str:
 
 
 def policy_graph(policy: Policy) -> PolicyGraph:
-    """Nodes for every tier and external, the internet and whatever else rules name."""
+    """Nodes for every tier and external, and whatever else rules name (internet, any, CIDRs)."""
     nodes: dict[str, Node] = {}
 
     def add(name: str, kind: NodeKind, lines: tuple[str, ...], internal: bool = False,
@@ -93,11 +105,12 @@ def policy_graph(policy: Policy) -> PolicyGraph:
         add(name, "tier", lines, internal)
     for name, s in policy.externals.items():
         add(name, "external", (name, _cidrs(s.nets)))
-    add("internet", "internet", ("internet", "outside all tiers"))
     rules = [r for r in policy.rules if not r.implicit]
     for rule in rules:
         for name in (*rule.src.names, *rule.dst.names):
-            if name == "any":
+            if name == "internet":
+                add(name, "internet", ("internet", "outside all tiers"))
+            elif name == "any":
                 add(name, "any", ("any", "0.0.0.0/0"))
             elif name not in nodes:  # a literal CIDR
                 net = IPv4Network(name)
@@ -105,10 +118,15 @@ def policy_graph(policy: Policy) -> PolicyGraph:
                              if any(net.subnet_of(n) for n in s.nets)), None)
                 lines = (name, f"in {tier}") if tier else (name,)
                 add(name, "cidr", lines, in_tier=tier)
-    edges = tuple(
-        Edge(nodes[a].id, nodes[b].id, rule.name, rule.action, services_text(rule), rule.log)
-        for rule in rules for a in rule.src.names for b in rule.dst.names
-    )
+    merged: dict[tuple[str, str, str], list[EdgeRule]] = {}
+    for rule in rules:
+        for a in rule.src.names:
+            for b in rule.dst.names:
+                key = (nodes[a].id, nodes[b].id, rule.action)
+                merged.setdefault(key, []).append(
+                    EdgeRule(rule.name, services_text(rule), rule.log))
+    edges = tuple(Edge(a, b, action, tuple(rs))  # type: ignore[arg-type]
+                  for (a, b, action), rs in merged.items())
     return PolicyGraph(tuple(nodes.values()), edges, policy.default)
 
 
@@ -194,14 +212,14 @@ _DOT_NODE = {
 
 
 def to_dot(policy: Policy, title: str | None = None) -> str:
-    """Graphviz DOT text of the same graph (left to right, tiers in a cluster)."""
+    """Graphviz DOT text of the same graph (top down, tiers in a cluster)."""
     g = policy_graph(policy)
     label = f"{title}\\n" if title else ""
     label += f"default: {g.default}; solid: allow, dashed red: deny"
     out = [
         "digraph policy {",
-        f'  graph [rankdir=LR, fontname="Helvetica", fontsize=12, labelloc=t, '
-        f'label="{label}", nodesep=0.35, ranksep=1.1];',
+        f'  graph [rankdir=TB, fontname="Helvetica", fontsize=12, labelloc=t, '
+        f'label="{label}", nodesep=0.4, ranksep=0.9];',
         '  node [fontname="Helvetica", fontsize=11];',
         '  edge [fontname="Helvetica", fontsize=9, color="#1f2937", fontcolor="#1f2937"];',
     ]

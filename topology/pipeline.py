@@ -37,6 +37,7 @@ METER_LEARN = 2
 METER_RATES = {METER_LOG: 100, METER_LEARN: 200}
 
 LEARN_IDLE_TIMEOUT = 300
+MESH_LEARN_IDLE_TIMEOUT = 60  # a remote MAC not heard from for this long is flooded again
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,10 @@ _L4 = ("tcp_src", "tcp_dst", "udp_src", "udp_dst", "icmpv4_type", "icmpv4_code")
 MESH_PIPELINE = Pipeline(
     role="mesh",
     tables=(
-        _t(0, "mesh_isolation", "mesh uplink(s) <-> to-socket only; everything else dropped",
-           ["in_port"]),
+        _t(0, "mesh_isolation", "mesh uplink(s) -> to-socket (learning which peer each MAC "
+           "is behind), to-socket -> mesh_l2; everything else dropped", ["in_port"]),
+        _t(1, "mesh_l2", "from to-socket: a learned MAC goes to its peer's uplink only, "
+           "unknown destinations to every uplink; never back into the mesh", ["eth_dst"]),
     ),
 )
 

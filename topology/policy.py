@@ -342,6 +342,9 @@ class _Builder:
             loc = ("policy", "rules", i)
             if r.name in seen_names:
                 self.err((*loc, "name"), f"duplicate rule name {r.name!r}")
+            elif r.name == "default" or r.name.startswith("internal:"):
+                self.err((*loc, "name"), f"rule name {r.name!r} is reserved (the default and "
+                         "the implicit internal-tier rules are named so)")
             seen_names.add(r.name)
             src = self._side((*loc, "from"), r.from_, sets)
             dst = self._side((*loc, "to"), r.to, sets)
@@ -475,9 +478,9 @@ class _Builder:
             out.append(PolicyTest(addrs[0], addrs[1], proto, port, t.expect, t.rule,
                                   line_of(self.root, loc)))
         rule_names = {r.name for r in self.raw.policy.rules} | {"default"}
+        rule_names |= {f"internal:{n}" for n, t in self.raw.tiers.items() if t.internal}
         for t in out:
-            known = t.rule in rule_names or (t.rule or "").startswith("internal:")
-            if t.rule is not None and not known:
+            if t.rule is not None and t.rule not in rule_names:
                 self.problems.append(f"{self.path}:{t.line}: test names unknown rule {t.rule!r}")
         return tuple(out)
 
