@@ -627,3 +627,10 @@ __all__ = [
     "parse_subfield",
     "serialize",
 ]
+
+
+def packet_out_through_pipeline(dp: DatapathLike, in_port: int, data: bytes) -> Any:
+    """A packet-out that enters the flow tables as if received on ``in_port``."""
+    ofp, parser = dp.ofproto, dp.ofproto_parser
+    return parser.OFPPacketOut(dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=in_port,
+                               actions=[parser.OFPActionOutput(ofp.OFPP_TABLE)], data=data)

@@ -19,12 +19,24 @@ from controller.logs import get_logger
 from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
 from topology.config import HostConfig
-from topology.flows import Binding, DesiredState, desired_state
+from topology.flows import Binding, BoundPort, DesiredState, binding_of, desired_state
 from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK
 from topology.pipeline import MESH_PIPELINE, METER_RATES, REG_OUT, SOCKET_PIPELINE
 from topology.policy import Policy
+from topology.roles import Role, classify_port
 
 log = get_logger("socknet.runtime")
+
+
+def gratuitous_arp(mac: str, ip: str) -> bytes:
+    from os_ken.lib.packet import arp, ethernet, packet
+
+    pkt = packet.Packet()
+    pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=0x0806))
+    pkt.add_protocol(arp.arp(opcode=arp.ARP_REQUEST, src_mac=mac, src_ip=ip,
+                             dst_mac="00:00:00:00:00:00", dst_ip=ip))
+    pkt.serialize()
+    return bytes(pkt.data)
 
 
 def parse_packet(data: bytes) -> dict[str, Any]:
@@ -88,6 +100,7 @@ class Controller:
         self._ports: dict[str, dict[str, int]] | None = None
         self._dpids: dict[str, int] = {}
         self._desired: DesiredState | None = None
+        self._announced: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._work: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
@@ -266,9 +279,35 @@ class Controller:
             flow_mods=sent,
             ms=round((time.monotonic() - started) * 1000, 2),
         )
+        if bridge == self.cfg.bridges.socket.name:
+            self._announce_new_containers(session)
         if self.on_reconciled is not None:
             self.on_reconciled(bridge, sent)
         return sent
+
+    # ------------------------------------------------------------ announcements
+    def _announce_new_containers(self, session: SwitchSession) -> None:
+        """A gratuitous ARP for each service container that just appeared, sent through the
+        pipeline as if from its port: every host on the mesh learns where it is now (a
+        container that moved hosts is reachable again at once)."""
+        with self._lock:
+            ports = dict((self._ports or {}).get(session.bridge, {}))
+        current = set(ports.items())
+        new = current - self._announced
+        self._announced = current
+        for name, ofport in sorted(new):
+            port = BoundPort(name, ofport, classify_port(self.cfg, session.bridge, name))
+            if port.role.role is not Role.SERVICE:
+                continue
+            binding = binding_of(self.cfg, port, self.bindings)
+            if binding is None or binding.ip is None:
+                continue
+            try:
+                session.send([encode.packet_out_through_pipeline(
+                    session.dp, ofport, gratuitous_arp(binding.mac, binding.ip))])
+                log.info("announced", port=name, mac=binding.mac, ip=binding.ip)
+            except SwitchError as exc:
+                log.error("announce_failed", port=name, error=str(exc))
 
     # ------------------------------------------------------------ packet-ins
     def packet_in(self, dpid: int, msg: Any) -> None:
