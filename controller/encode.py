@@ -45,14 +45,16 @@ packing the 40 fixed bytes and appending the cached tail.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
 from os_ken.lib.pack_utils import msg_pack_into
-from os_ken.ofproto import nicira_ext
+from os_ken.ofproto import nicira_ext, ofproto_v1_4_parser
 
 from topology.model import (
     ALL_ONES64,
@@ -320,10 +322,12 @@ def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> An
             if not 0 <= cid <= 0xFFFFFFFF:
                 raise ValueError(f"conjunction id {cid} does not fit 32 bits")
             return parser.NXActionConjunction(clause=clause - 1, n_clauses=n, id_=cid)
-        case ToController(max_len=max_len):
+        case ToController(max_len=max_len, meter=meter):
             if not 0 <= max_len <= 0xFFFF:
                 raise ValueError(f"CONTROLLER:{max_len}: max_len does not fit 16 bits")
-            return parser.OFPActionOutput(ofproto.OFPP_CONTROLLER, max_len)
+            if meter is None:
+                return parser.OFPActionOutput(ofproto.OFPP_CONTROLLER, max_len)
+            return _controller_with_meter(parser, max_len, meter)
         case Learn(table=table, priority=priority, idle_timeout=idle, specs=specs):
             return parser.NXActionLearn(
                 table_id=table,
@@ -634,3 +638,53 @@ def packet_out_through_pipeline(dp: DatapathLike, in_port: int, data: bytes) -> 
     ofp, parser = dp.ofproto, dp.ofproto_parser
     return parser.OFPPacketOut(dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=in_port,
                                actions=[parser.OFPActionOutput(ofp.OFPP_TABLE)], data=data)
+
+
+NXAC2PT_METER_ID = 5  # OVS: a meter for this controller action only
+
+
+def register_controller2_meter(parser: ModuleType) -> None:
+    """Teach os-ken the NXAST_CONTROLLER2 meter_id property, both ways.
+
+    os-ken 4.x knows max_len, controller_id, reason, userdata and pause only;
+    an unknown property even breaks its parser, so flow stats of any flow with
+    controller(meter_id=N) could not be read back without this.
+    """
+    nonlocals = inspect.getclosurevars(parser.NXActionController2.parser.__func__).nonlocals
+    prop = nonlocals["NXActionController2Prop"]
+    if NXAC2PT_METER_ID in prop._TYPES:
+        return
+
+    @prop.register_type(NXAC2PT_METER_ID)
+    class NXActionController2PropMeterId(prop):  # type: ignore[misc, valid-type]
+        _arg_name = "meter_id"
+
+        @classmethod
+        def parser_prop(cls, buf: bytes, length: int) -> tuple[int, int]:
+            (meter_id,) = struct.unpack_from("!I", buf, 0)
+            return meter_id, 4
+
+        @classmethod
+        def serialize_prop(cls, meter_id: int) -> bytearray:
+            return bytearray(struct.pack("!HHI", NXAC2PT_METER_ID, 8, meter_id))
+
+
+def _controller_with_meter(parser: ModuleType, max_len: int, meter: int) -> Any:
+    """NXAST_CONTROLLER2 with max_len and meter_id properties."""
+    if not 0 < meter < 0xFFFF0000:
+        raise ValueError(f"meter_id={meter} out of range")
+    register_controller2_meter(parser)
+    return parser.NXActionController2(max_len=max_len, meter_id=meter)
+
+
+def set_field_value(stats: Any, field: str) -> Any | None:
+    """The value a flow's actions set into ``field`` (set_field), or None."""
+    for action in _iter_actions(getattr(stats, "instructions", [])):
+        if getattr(action, "key", None) == field:
+            return action.value
+    return None
+
+
+# Flow stats of our own flows carry controller(meter_id=N): os-ken must parse them from
+# the first reply on, before this process has encoded anything.
+register_controller2_meter(ofproto_v1_4_parser)

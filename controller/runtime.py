@@ -20,12 +20,32 @@ from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
 from topology.config import HostConfig
 from topology.flows import Binding, BoundPort, DesiredState, binding_of, desired_state
-from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK
+from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK, Owner, cookie_owner
 from topology.pipeline import MESH_PIPELINE, METER_RATES, REG_OUT, SOCKET_PIPELINE
 from topology.policy import Policy
 from topology.roles import Role, classify_port
 
 log = get_logger("socknet.runtime")
+REMOTE_TTL_S = 300.0  # a remote host not heard from (ARP) for this long is forgotten
+
+
+def discovered_from_flows(installed: list[Any]) -> tuple[dict[int, Binding], dict[str, str]]:
+    """Learned container addresses (by ofport) and remote hosts (IPv4 -> MAC) encoded in
+    the DISCOVERED flows read from the switch."""
+    bindings: dict[int, Binding] = {}
+    remote: dict[str, str] = {}
+    for f in installed:
+        if cookie_owner(f.cookie) is not Owner.DISCOVERED:
+            continue
+        match = f.flow_stats.match
+        if f.table == SOCKET_PIPELINE["spoof_guard"] and "ipv4_src" in match:
+            bindings[int(match["in_port"])] = Binding(str(match["eth_src"]),
+                                                      str(match["ipv4_src"]))
+        elif f.table == SOCKET_PIPELINE["dispatch"] and "arp_tpa" in match:
+            mac = encode.set_field_value(f.flow_stats, "eth_src")
+            if mac is not None:
+                remote[str(match["arp_tpa"])] = str(mac)
+    return bindings, remote
 
 
 def gratuitous_arp(mac: str, ip: str) -> bytes:
@@ -92,6 +112,9 @@ class Controller:
         self.cfg = cfg
         self.policy = policy
         self.bindings: dict[str, Binding] = {}  # learned container addresses, by port name
+        # remote service hosts learned from ARP across the mesh: IPv4 -> (MAC, last heard)
+        self.remote: dict[str, tuple[str, float]] = {}
+        self.remote_ttl_s = REMOTE_TTL_S
         self.stats = Stats()
         if policy is not None:
             self.stats.policy_generation = 1
@@ -197,7 +220,8 @@ class Controller:
     def _recompute(self) -> None:
         """Caller holds the lock."""
         assert self._ports is not None
-        self._desired = desired_state(self.cfg, self._ports, self.policy, self.bindings)
+        remote = {ip: mac for ip, (mac, _) in self.remote.items()}
+        self._desired = desired_state(self.cfg, self._ports, self.policy, self.bindings, remote)
 
     def _kick_all(self) -> None:
         for dpid in list(self._sessions):
@@ -239,6 +263,7 @@ class Controller:
     def _auditor(self) -> None:
         """Re-read every switch now and then: someone may have touched the flows."""
         while not self._stop.wait(self.audit_interval_s):
+            self.forget_remote("aged out", older_than=time.monotonic() - self.remote_ttl_s)
             for dpid, session in list(self._sessions.items()):
                 session.installed = None
                 self._work.put(dpid)
@@ -254,9 +279,13 @@ class Controller:
         started = time.monotonic()
         first = session.installed is None
         if first:
+            installed = session.flows()
             if bridge == self.cfg.bridges.socket.name:
                 self._ensure_meters(session)
-            session.installed = {f.cookie for f in session.flows()}
+                if self._adopt_discovered(bridge, installed):
+                    with self._lock:
+                        desired = self._desired or desired
+            session.installed = {f.cookie for f in installed}
         want = desired[bridge]
         todo = plan(want, session.installed)
         sent = session.apply(todo)
@@ -323,6 +352,8 @@ class Controller:
         pkt = parse_packet(msg.data)
         if msg.table_id == SOCKET_PIPELINE["spoof_guard"]:
             self._learn_from(bridge, in_port, pkt)
+        elif msg.table_id == SOCKET_PIPELINE["dispatch"]:
+            self._learn_remote(pkt)
         elif msg.table_id == SOCKET_PIPELINE["policy_deny"]:
             self._log_denied(msg, in_port, pkt)
 
@@ -332,6 +363,61 @@ class Controller:
         if not names or not pkt.get("eth_src") or not pkt.get("sender_ip"):
             return
         self.learn_binding(names[0], Binding(pkt["eth_src"], pkt["sender_ip"]))
+
+    def _learn_remote(self, pkt: dict[str, Any]) -> None:
+        """An ARP from across the mesh tells where a remote host is: remember its MAC so
+        local containers' ARP for it is answered here (no broadcast over the mesh)."""
+        ip, mac = pkt.get("sender_ip"), pkt.get("eth_src")
+        if not ip or not mac or pkt.get("ipv4_src"):
+            return  # only ARP senders are learned
+        now = time.monotonic()
+        with self._lock:
+            old = self.remote.get(ip)
+            self.remote[ip] = (mac, now)
+            if old is not None and old[0] == mac:
+                return
+            if self._ports is not None:
+                self._recompute()
+        log.info("remote_host_learned", ip=ip, mac=mac, moved_from=old[0] if old else None)
+        self._kick_all()
+
+    def forget_remote(self, reason: str, older_than: float | None = None) -> None:
+        """Drop remote hosts (all, or those not heard from since ``older_than``)."""
+        with self._lock:
+            gone = [ip for ip, (_, seen) in self.remote.items()
+                    if older_than is None or seen < older_than]
+            for ip in gone:
+                del self.remote[ip]
+            if gone and self._ports is not None:
+                self._recompute()
+        if gone:
+            log.info("remote_hosts_forgotten", reason=reason, hosts=sorted(gone))
+            self._kick_all()
+
+    def _adopt_discovered(self, bridge: str, installed: list[Any]) -> bool:
+        """After a restart, take back what was learned before it (container addresses,
+        remote hosts) from the switch's own flows: the switch is the record, so a restart
+        with nothing changed sends nothing and forgets nothing."""
+        with self._lock:
+            by_ofport = {o: n for n, o in (self._ports or {}).get(bridge, {}).items()}
+            found_bindings, found_remote = discovered_from_flows(installed)
+            changed = False
+            for ofport, binding in found_bindings.items():
+                name = by_ofport.get(ofport)
+                if name is not None and name not in self.bindings:
+                    self.bindings[name] = binding
+                    changed = True
+            now = time.monotonic()
+            for ip, mac in found_remote.items():
+                if ip not in self.remote:
+                    self.remote[ip] = (mac, now)
+                    changed = True
+            if changed and self._ports is not None:
+                self._recompute()
+        if changed:
+            log.info("discovered_state_adopted", bridge=bridge, bindings=len(found_bindings),
+                     remote_hosts=len(found_remote))
+        return changed
 
     def _log_denied(self, msg: Any, in_port: int, pkt: dict[str, Any]) -> None:
         rule_id = 0
@@ -366,8 +452,10 @@ class Controller:
             return
         dp = session.dp
         if bridge == self.cfg.bridges.mesh.name:
-            # a peer's uplink is gone: the MACs learned behind it are flooded again
+            # a peer's uplink is gone: the MACs learned behind it are flooded again, and
+            # remote hosts are re-learned from their next ARP
             table = MESH_PIPELINE["mesh_l2"]
+            self.forget_remote("mesh uplink removed")
         elif bridge == self.cfg.bridges.socket.name:
             table = SOCKET_PIPELINE["service_l2"]
         else:

@@ -21,7 +21,7 @@ from scapy.layers.l2 import ARP, Ether
 from labs import netns as nsl
 from labs.lab import INTERNET_IP, MESH_SERVICE_IP, MESH_USER_IP, SocketLab
 from labs.pkt import Sniffer, send_frame
-from topology.model import LEARNED_COOKIE
+from topology.model import Owner, cookie_owner
 from topology.pipeline import METER_RATES
 
 pytestmark = pytest.mark.ovs
@@ -72,10 +72,12 @@ def _socknet_flows(lab: SocketLab, bridge: str) -> str:
 
 
 def _normalised(lines: list[str]) -> list[str]:
-    """Drop learned flows and the volatile fields; sort."""
+    """Drop flows from run-time learning (OVS learn, controller discoveries) and the
+    volatile fields; sort. `socknet flows` prints what config and ports determine."""
     out = []
     for line in lines:
-        if f"cookie=0x{LEARNED_COOKIE:x}," in line:
+        cookie = int(line.split("cookie=0x", 1)[1].split(",", 1)[0], 16)
+        if cookie_owner(cookie) in (Owner.LEARNED, Owner.DISCOVERED):
             continue
         line = re.sub(r"(duration|n_packets|n_bytes|idle_age|hard_age)=[^,]+, ?", "", line)
         out.append(line.strip())

@@ -565,8 +565,14 @@ def test_mesh_to_undeclared_privacy_container_after_it_was_learned():
 def test_service_containers_flood_and_learn():
     sw = vmbr0()
     privacy_and_others = {P100, P102, WARP_PORT, UNKNOWN}
-    assert to(sw, arp_request(S200, M200, M200_IP, M201_IP)) == {S201, MESH_PORT}
-    assert to(sw, arp_request(S201, M201, M201_IP, M200_IP)) == {S200, MESH_PORT}
+    # ARP for a known service address is answered by the switch, back to the asker only
+    answer = send(sw, arp_request(S200, M200, M200_IP, M201_IP))
+    assert answer.ports == {S200}
+    (reply,) = answer.on(S200)
+    assert (reply.arp_op, reply.arp_sha, reply.arp_spa, reply.eth_dst) == (2, M201, M201_IP, M200)
+    assert to(sw, arp_request(S201, M201, M201_IP, M200_IP)) == {S201}
+    # ARP for an unknown address floods to service ports and the mesh only
+    assert to(sw, arp_request(S200, M200, M200_IP, "10.0.0.9")) == {S201, MESH_PORT}
     assert to(sw, ipv4(S200, M200, BROADCAST, M200_IP, "10.0.0.255", "udp", 1, 2)) == {6, 1}
     assert to(sw, ethernet(MESH_PORT, MESH_HOST)) == {S200, S201}
     ips = {M200: M200_IP, M201: M201_IP, MESH_HOST: MESH_IP}

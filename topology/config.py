@@ -81,17 +81,66 @@ def _id_range(value: Any) -> Any:
 IdRangeField = Annotated[IdRange, BeforeValidator(_id_range)]
 
 
+def _existing_file(value: Any) -> str:
+    """An absolute path to a file that exists (both os-ken and ovs-vswitchd read it)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected the absolute path of a file")
+    path = Path(value)
+    if not path.is_absolute():
+        raise ValueError(f"{value!r} is not an absolute path (ovs-vswitchd and the controller "
+                         "run in other working directories)")
+    if not path.is_file():
+        raise ValueError(f"{value}: no such file")
+    return value
+
+
+ExistingFile = Annotated[str, BeforeValidator(_existing_file)]
+
+
+class TlsCfg(_Strict):
+    """The OpenFlow TLS channel (``controller.listen: ssl:...``), both ends.
+
+    The controller presents ``cert`` and accepts only switches whose certificate
+    ``ca_cert`` signed; ``socknet bootstrap`` writes the switch side into OVSDB's
+    SSL table: ovs-vswitchd presents ``switch_cert`` and accepts only a controller
+    whose certificate ``switch_ca_cert`` (default: ``ca_cert``) signed.
+    """
+
+    key: ExistingFile  # controller private key (os-ken --ctl-privkey)
+    cert: ExistingFile  # controller certificate (--ctl-cert)
+    ca_cert: ExistingFile  # CA of the switch certificates (--ca-certs)
+    switch_key: ExistingFile  # ovs-vswitchd: SSL private_key
+    switch_cert: ExistingFile  # ovs-vswitchd: SSL certificate
+    switch_ca_cert: ExistingFile | None = None  # ovs-vswitchd: SSL ca_cert
+
+    @property
+    def switch_ca(self) -> str:
+        return self.switch_ca_cert or self.ca_cert
+
+
 class ControllerCfg(_Strict):
     listen: str = "tcp:127.0.0.1:6653"
     max_backoff_ms: int = Field(default=1000, ge=1000, le=60_000)
     inactivity_probe_ms: int = Field(default=5000, ge=1000, le=3_600_000)
+    tls: TlsCfg | None = None  # required with listen: ssl:..., refused with tcp:
+
+    @model_validator(mode="after")
+    def _tls_matches_listen(self) -> ControllerCfg:
+        ssl = self.listen.startswith("ssl:")
+        if ssl and self.tls is None:
+            raise ValueError(f"listen {self.listen!r} needs a tls: block (key, cert, ca_cert, "
+                             "switch_key, switch_cert)")
+        if not ssl and self.tls is not None:
+            raise ValueError(f"tls: is only used with listen: ssl:ADDRESS:PORT, not "
+                             f"{self.listen!r}")
+        return self
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         m = LISTEN_RE.match(value)
         if not m:
-            raise ValueError(f"{value!r} is not tcp:ADDRESS:PORT")
+            raise ValueError(f"{value!r} is not tcp:ADDRESS:PORT or ssl:ADDRESS:PORT")
         ipaddress.ip_address(m.group("host").strip("[]"))
         if not 0 < int(m.group("port")) < 65536:
             raise ValueError(f"port {m.group('port')} out of range")

@@ -158,29 +158,50 @@ def _spoof_guard(cfg: HostConfig, containers: list[BoundPort], learned: Bindings
     out = {flow(t, 0, goto=after, note="spoof_guard: mesh, WARP, gateway go on")}
     for port in containers:
         b = binding_of(cfg, port, learned)
+        owner = Owner.PORTS if cfg.container(port.role.vmid or 0).mac else Owner.DISCOVERED
         who = f"{port.name} (container {port.role.vmid})"
         if b is None:
-            out.add(flow(t, 10, in_port=port.ofport, actions=[ToController()], meter=METER_LEARN,
+            out.add(flow(t, 10, in_port=port.ofport, actions=[ToController(meter=METER_LEARN)],
                          owner=Owner.PORTS,
                          note=f"spoof_guard: {who} addresses unknown: learn (rate-limited), drop"))
             continue
-        out.add(flow(t, 10, in_port=port.ofport, owner=Owner.PORTS,
+        out.add(flow(t, 10, in_port=port.ofport, owner=owner,
                      note=f"spoof_guard: {who} anything not its own, drop"))
         if b.ip is None:
             out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, goto=after,
-                         owner=Owner.PORTS, note=f"spoof_guard: {who} own MAC"))
+                         owner=owner, note=f"spoof_guard: {who} own MAC"))
             continue
         out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, eth_type=ETH_IPV4,
-                     ipv4_src=b.ip, goto=after, owner=Owner.PORTS,
+                     ipv4_src=b.ip, goto=after, owner=owner,
                      note=f"spoof_guard: {who} own MAC and IPv4"))
         out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, eth_type=ETH_ARP,
-                     arp_spa=b.ip, arp_sha=b.mac, goto=after, owner=Owner.PORTS,
+                     arp_spa=b.ip, arp_sha=b.mac, goto=after, owner=owner,
                      note=f"spoof_guard: {who} ARP for its own addresses"))
     return out
 
 
+def _known_service_addresses(
+    cfg: HostConfig, service: list[BoundPort], learned: Bindings, remote: Mapping[str, str]
+) -> tuple[dict[str, str], set[str]]:
+    """IPv4 -> MAC of service containers: remote ones learned across the mesh, local
+    ones (declared or learned) winning over them; and which of them host.yaml declares.
+    Privacy containers are never listed."""
+    known = dict(remote)
+    privacy_ips = {str(c.ip.ip) for v, c in cfg.containers.items()
+                   if c.ip and v in cfg.bridges.socket.privacy_ids}
+    configured = set()
+    for port in service:
+        b = binding_of(cfg, port, learned)
+        if b is not None and b.ip is not None:
+            known[b.ip] = b.mac
+            if cfg.container(port.role.vmid or 0).mac:
+                configured.add(b.ip)
+    return {ip: mac for ip, mac in known.items() if ip not in privacy_ips}, configured
+
+
 def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | None = None,
-                 learned: Bindings | None = None) -> frozenset[Flow]:
+                 learned: Bindings | None = None,
+                 remote: Mapping[str, str] | None = None) -> frozenset[Flow]:
     p = SOCKET_PIPELINE
     bound = bound_ports(cfg, cfg.bridges.socket.name, ports)
     from_mesh = _of_role(bound, Role.FROM_MESH)
@@ -234,6 +255,21 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
              **{REG_CLASS: CLASS_SERVICE}))
     add(flow(d, 10, goto=p["service_l2"], note="dispatch: gateway -> service_l2",
              **{REG_CLASS: CLASS_GATEWAY}))
+    # ARP from the mesh: a copy to the controller (rate-limited) to learn remote hosts
+    if from_mesh:
+        add(flow(d, 50, eth_type=ETH_ARP, actions=[ToController(meter=METER_LEARN)],
+                 goto=p["privacy_lookup"], owner=Owner.PORTS,
+                 note="dispatch: mesh ARP -> learn remote hosts (copy), go on",
+                 **{REG_CLASS: CLASS_MESH}))
+    # ARP from service containers for addresses known here (local containers, remote
+    # hosts learned across the mesh) is answered on this host: no broadcast on the mesh
+    known, configured = _known_service_addresses(cfg, service, learned or {}, remote or {})
+    for addr, mac in sorted(known.items()):
+        owner = Owner.PORTS if addr in configured else Owner.DISCOVERED
+        add(flow(d, 100, eth_type=ETH_ARP, arp_op=1, arp_tpa=addr,
+                 actions=_arp_responder(mac, addr), owner=owner,
+                 note=f"dispatch: answer ARP for {addr} (known service address)",
+                 **{REG_CLASS: CLASS_SERVICE}))
     # ARP for declared privacy containers is answered here, for the mesh and for WARP
     # (their ARP replies must never leave towards the mesh).
     for port in privacy:
@@ -302,12 +338,13 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
 
 
 def desired_state(cfg: HostConfig, ports: Ports, policy: Policy | None = None,
-                  learned: Bindings | None = None) -> DesiredState:
+                  learned: Bindings | None = None,
+                  remote: Mapping[str, str] | None = None) -> DesiredState:
     """Flows for both bridges. Raises PipelineError if a flow breaks the declaration."""
     mesh_name, sock_name = cfg.bridges.mesh.name, cfg.bridges.socket.name
     state = {
         mesh_name: mesh_flows(cfg, ports.get(mesh_name, {})),
-        sock_name: socket_flows(cfg, ports.get(sock_name, {}), policy, learned),
+        sock_name: socket_flows(cfg, ports.get(sock_name, {}), policy, learned, remote),
     }
     check_flows(MESH_PIPELINE, state[mesh_name])
     check_flows(SOCKET_PIPELINE, state[sock_name])

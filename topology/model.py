@@ -32,6 +32,7 @@ class Owner(IntEnum):
     PORTS = 2  # per-port flows derived from discovered ports
     POLICY = 3  # tier policy (reserved stage)
     LEARNED = 4  # written by OVS `learn` actions, never reconciled away
+    DISCOVERED = 5  # from what the controller learned at run time (remote hosts, addresses)
 
 
 def owner_cookie_prefix(owner: Owner) -> int:
@@ -152,9 +153,14 @@ class Conjunction:
 
 @dataclass(frozen=True)
 class ToController:
-    """Send (the first ``max_len`` bytes of) the packet to the controller."""
+    """Send (the first ``max_len`` bytes of) the packet to the controller.
+
+    With ``meter``, only this copy is rate-limited by that meter (OVS
+    controller(meter_id=N)); the rest of the actions run for every packet.
+    """
 
     max_len: int = 128
+    meter: int | None = None
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,24 @@ def _rule_flows(rule: Rule, position: int) -> list[Flow]:
     return out
 
 
+_last: tuple[Policy | None, frozenset[Flow]] | None = None
+
+
 def compile_policy(policy: Policy | None) -> frozenset[Flow]:
-    """Flows of tables 20-24. Without a policy: pass everything on (issue-2 behaviour)."""
+    """Flows of tables 20-24. Without a policy: pass everything on (issue-2 behaviour).
+
+    The last result is kept: port and address changes recompute the desired state
+    often, the policy rarely changes (Policy is immutable, so identity is enough).
+    """
+    global _last
+    if _last is not None and _last[0] is policy:
+        return _last[1]
+    flows = _compile(policy)
+    _last = (policy, flows)
+    return flows
+
+
+def _compile(policy: Policy | None) -> frozenset[Flow]:
     p = SOCKET_PIPELINE
     entry, state, rules_t = p["policy_entry"], p["policy_state"], p["policy_rules"]
     allow, deny, after = p["policy_allow"], p["policy_deny"], p["dispatch"]
@@ -180,13 +196,12 @@ def compile_policy(policy: Policy | None) -> frozenset[Flow]:
     if policy.default == "deny" and policy.log_default:
         logged.append(0)
     for rule_id in logged:
-        report = ToController()
+        report = ToController(meter=METER_LOG)
         out.add(flow(deny, 30, ct_state=ct_state("+trk"), ct_mark=COMMITTED,
-                     actions=[block, report], eth_type=ETH_IPV4,
-                     meter=METER_LOG, owner=Owner.POLICY,
+                     actions=[block, report], eth_type=ETH_IPV4, owner=Owner.POLICY,
                      note=f"policy_deny: log (rate-limited) and cut, rule id {rule_id}",
                      **{REG_RULE: rule_id}))
-        out.add(flow(deny, 25, actions=[report], meter=METER_LOG, owner=Owner.POLICY,
+        out.add(flow(deny, 25, actions=[report], owner=Owner.POLICY,
                      note=f"policy_deny: log (rate-limited), rule id {rule_id}",
                      **{REG_RULE: rule_id}))
     return frozenset(out)

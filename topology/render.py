@@ -103,8 +103,10 @@ def action_text(action: Action) -> str:
             return f"ct({','.join(parts)})"
         case Conjunction(id=cid, clause=clause, n_clauses=n):
             return f"conjunction({cid},{clause}/{n})"
-        case ToController(max_len=max_len):
+        case ToController(max_len=max_len, meter=None):
             return f"CONTROLLER:{max_len}"
+        case ToController(max_len=max_len, meter=meter):
+            return f"controller(max_len={max_len},meter_id={meter})"
         case Learn(table=table, priority=priority, idle_timeout=idle, specs=specs):
             parts = [f"table={table}", f"idle_timeout={idle}", f"priority={priority}",
                      f"cookie=0x{LEARNED_COOKIE:x}"]
