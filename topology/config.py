@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from topology.yamlpos import compose_with_lines, line_of
+from topology.yamlpos import line_of, load_with_lines
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]-]{1,15}$")
@@ -319,8 +319,7 @@ def load_host_config(path: str | Path) -> HostConfig:
 
 def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     try:
-        root = compose_with_lines(text)
-        data = yaml.safe_load(text)
+        root, data = load_with_lines(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1

@@ -8,6 +8,7 @@ through the flow-table simulator.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from topology.yamlpos import compose_with_lines, line_of
+from topology.yamlpos import line_of, load_with_lines
 
 Proto = Literal["tcp", "udp", "icmp"]
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
@@ -160,8 +161,13 @@ class AddressSet:
     def __contains__(self, addr: IPv4Address) -> bool:
         return any(addr in n for n in self.nets)
 
+    @functools.cached_property
+    def _intervals(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(n.network_address), int(n.broadcast_address)) for n in self.nets)
+
     def covers(self, other: AddressSet) -> bool:
-        return all(any(o.subnet_of(n) for n in self.nets) for o in other.nets)
+        mine = self._intervals
+        return all(any(lo <= a and b <= hi for lo, hi in mine) for a, b in other._intervals)
 
     def __str__(self) -> str:
         return ",".join(self.names)
@@ -190,13 +196,12 @@ class Rule:
         return not self.services or any(s.matches(proto, port) for s in self.services)
 
     def covers(self, other: Rule) -> bool:
-        if not (self.src.covers(other.src) and self.dst.covers(other.dst)):
-            return False
-        if not self.services:
-            return True
-        if not other.services:
-            return False
-        return all(any(m.covers(s) for m in self.services) for s in other.services)
+        if self.services:  # cheapest test first
+            if not other.services:
+                return False
+            if not all(any(m.covers(s) for m in self.services) for s in other.services):
+                return False
+        return self.dst.covers(other.dst) and self.src.covers(other.src)
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,19 @@ def _port_range(spec: PortSpec) -> PortRange:
     if lo > hi:
         raise ValueError(f"port range {spec!r} is reversed")
     return PortRange(lo, hi)
+
+
+def _span(rule: Rule) -> tuple[int, int, int, int, frozenset[str] | None]:
+    """Bounding box of a rule: source and destination address ranges and protocols
+    (None = any protocol). covers() can only hold if the boxes nest."""
+    empty = ((1 << 32, -1),)  # an empty set: inside every box
+    src, dst = rule.src._intervals or empty, rule.dst._intervals or empty
+    protos = frozenset(s.proto for s in rule.services) if rule.services else None
+    return (src[0][0], src[-1][1], dst[0][0], dst[-1][1],
+            protos if protos is not None else _ANY_PROTO)
+
+
+_ANY_PROTO = frozenset(("tcp", "udp", "icmp", "*"))
 
 
 class _Builder:
@@ -441,10 +459,17 @@ class _Builder:
         return tuple(out) if ok else None
 
     def _check_shadowing(self, rules: list[Rule]) -> None:
+        spans = [_span(r) for r in rules]
         for j, later in enumerate(rules):
             if later.implicit:
                 continue
-            for earlier in rules[:j]:
+            lj = spans[j]
+            for i, earlier in enumerate(rules[:j]):
+                ei = spans[i]
+                # a cheap necessary condition first: the earlier rule's bounding box
+                if not (ei[0] <= lj[0] and lj[1] <= ei[1] and ei[2] <= lj[2]
+                        and lj[3] <= ei[3] and lj[4] <= ei[4]):
+                    continue
                 if earlier.covers(later):
                     why = (f"tier {earlier.name.split(':', 1)[1]!r} is internal and may not "
                            "reach outside addresses"
@@ -487,8 +512,7 @@ class _Builder:
 
 def parse_policy(text: str, path: str = "<string>") -> Policy:
     try:
-        root = compose_with_lines(text)
-        data = yaml.safe_load(text)
+        root, data = load_with_lines(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1

@@ -7,9 +7,22 @@ from typing import Any
 
 import yaml
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
+
 
 def compose_with_lines(text: str) -> yaml.Node | None:
-    return yaml.compose(text, Loader=yaml.SafeLoader)
+    return yaml.compose(text, Loader=_Loader)
+
+
+def load_with_lines(text: str) -> tuple[yaml.Node | None, object]:
+    """Parse once: the node tree (for line numbers) and the plain data built from it."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
 
 
 def line_of(root: yaml.Node | None, loc: Sequence[Any]) -> int:
