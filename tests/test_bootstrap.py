@@ -113,7 +113,7 @@ def test_bootstrap_creates_bridges_controller_and_veth(host: Host) -> None:
     for bridge, port in ((host.mesh, host.to_socket), (host.sock, host.from_mesh)):
         assert host.get("bridge", bridge, "datapath_type") == "netdev"
         assert host.get("bridge", bridge, "fail_mode") == "secure"
-        assert host.get("bridge", bridge, "protocols") == '[OpenFlow13, OpenFlow14]'
+        assert host.get("bridge", bridge, "protocols") == "[OpenFlow13, OpenFlow14]"
         assert host.get("bridge", bridge, "other_config:disable-in-band") == "true"
         assert host.ports(bridge) == [port]
         assert host.get("interface", bridge, "type") == "internal"  # its LOCAL port
@@ -170,7 +170,7 @@ def test_drifted_settings_are_fixed(host: Host) -> None:
     assert "max_backoff 9000 -> 2000" in text
     assert "connection_mode in-band -> out-of-band" in text
     assert host.get("bridge", host.mesh, "fail_mode") == "secure"
-    assert host.get("bridge", host.mesh, "protocols") == '[OpenFlow13, OpenFlow14]'
+    assert host.get("bridge", host.mesh, "protocols") == "[OpenFlow13, OpenFlow14]"
     assert host.get("bridge", host.mesh, "other_config:disable-in-band") == "true"
     assert host.ovs.vsctl("get-controller", host.sock).split() == ["tcp:127.0.0.1:6653"]
     assert host.get("controller", ctrl, "max_backoff") == "2000"
@@ -245,12 +245,12 @@ def test_bootstrap_inside_namespace_without_netns_argument(host: Host, tmp_path:
 
 def test_conflicting_link_fails_cleanly(host: Host) -> None:
     """A foreign device named like a veth end: clear error, nothing created, device kept."""
-    nsl.run(host.ns, ["ip", "link", "add", host.from_mesh, "type", "dummy"], check=True)
+    nsl.run(host.ns, ["ip", "link", "add", host.from_mesh, "type", "bridge"], check=True)
     with pytest.raises(BootstrapError) as err:
         bootstrap(host.cfg, netns=host.ns)
     msg = str(err.value)
     assert "\n" not in msg
-    assert host.from_mesh in msg and "dummy" in msg
+    assert host.from_mesh in msg and "bridge" in msg
     assert host.bridges() == []
     assert not links.link_exists(host.to_socket, netns=host.ns)
     assert links.link_exists(host.from_mesh, netns=host.ns)  # not ours: left alone
@@ -300,7 +300,7 @@ def test_rollback_restores_drifted_values(host: Host) -> None:
     with pytest.raises(BootstrapError, match="ovs-vswitchd did not apply"):
         bootstrap(host.cfg, netns=host.ns, timeout=2.0)
     assert host.get("bridge", host.mesh, "fail_mode") == "standalone"
-    assert host.get("bridge", host.mesh, "protocols") == '[OpenFlow10]'
+    assert host.get("bridge", host.mesh, "protocols") == "[OpenFlow10]"
     assert host.ovs.vsctl("get-controller", host.sock).split() == ["tcp:127.0.0.1:6999"]
     assert sorted(host.bridges()) == sorted([host.mesh, host.sock])  # existed before: kept
     assert links.veth_pair_exists(host.to_socket, host.from_mesh, netns=host.ns)
@@ -359,7 +359,7 @@ def test_links_helpers(host: Host) -> None:
     # reversed names describe the same pair
     assert links.veth_pair_exists(b, a, netns=ns)
     # wrong peer / one end missing: error, nothing touched
-    with pytest.raises(links.LinkError, match="paired with"):
+    with pytest.raises(links.LinkError, match=f"is paired with {b}"):
         links.ensure_veth_pair(a, f"lc{host.uid}", netns=ns)
     assert links.disable_tx_offload(a, netns=ns) is True
     assert links.disable_tx_offload(a, netns=ns) is False
@@ -367,8 +367,8 @@ def test_links_helpers(host: Host) -> None:
     assert links.delete_link(a, netns=ns) is True
     assert links.delete_link(a, netns=ns) is False
     assert not links.link_exists(b, netns=ns)
-    nsl.run(ns, ["ip", "link", "add", a, "type", "dummy"], check=True)
-    with pytest.raises(links.LinkError, match=f"its peer {b} does not"):
+    nsl.run(ns, ["ip", "link", "add", a, "type", "bridge"], check=True)
+    with pytest.raises(links.LinkError, match="is a bridge device, not a veth"):
         links.ensure_veth_pair(a, b, netns=ns)
     with pytest.raises(links.LinkError, match="no interface"):
         links.disable_tx_offload(f"zz{host.uid}", netns=ns)
