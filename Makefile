@@ -4,8 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PKGS := openvswitch-switch openvswitch-common wireguard-tools wireguard-go iproute2 \
-            ethtool iputils-ping iperf3 tcpdump procps psmisc python3-venv
+            ethtool iputils-ping iperf3 tcpdump procps psmisc python3-venv graphviz \
+            mininet net-tools
 HOSTS ?= 1
+# net-*: the host.yaml to act on, and its reviewed plan (seed 000: network-plan.json)
+CONFIG ?= /etc/socknet/host.yaml
+PLAN ?= $(dir $(CONFIG))network-plan.json
 
 .PHONY: deps venv demo test unit lint lab-up lab-down bench clean
 
@@ -45,6 +49,27 @@ test: venv
 
 unit: venv
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not ovs"
+
+# Deterministic bootstrap (seed 000): write the plan, review it, apply it.
+.PHONY: net-plan net-bootstrap net-status
+net-plan: venv
+	$(VENV)/bin/socknet plan -c $(CONFIG) -o $(PLAN)
+
+# Refuses (exit 2) when $(PLAN) exists and no longer matches $(CONFIG).
+net-bootstrap: venv
+	$(VENV)/bin/socknet bootstrap -c $(CONFIG) $(if $(wildcard $(PLAN)),--plan $(PLAN))
+
+net-status: venv
+	$(VENV)/bin/socknet status -c $(CONFIG)
+
+# One host's socket network in Mininet (user-datapath OVS, socknet as RemoteController):
+# up, ping verdicts, down. Starts the system OVS daemons if they are not running.
+.PHONY: mininet mininet-clean
+mininet: venv
+	$(PY) -m labs.mininet_socket --check
+
+mininet-clean: venv
+	$(PY) -m labs.mininet_socket --clean
 
 bench: venv
 	$(PY) -m bench.run

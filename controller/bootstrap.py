@@ -6,7 +6,8 @@
    the veth pair either fully present or fully absent (nothing changes yet);
 2. ensure the veth pair ``to-socket``/``from-mesh`` and TX offload off;
 3. ONE OVSDB transaction: missing bridges (with their LOCAL port), drifted
-   bridge/controller settings, the two veth ports, ``next_cfg`` increment;
+   bridge/controller settings, the two veth ports, the ``SSL`` row when
+   ``controller.listen`` is ``ssl:`` (see controller.tls), ``next_cfg`` increment;
 4. wait until ovs-vswitchd applied it (``cur_cfg``) and check that both veth
    ports got an OpenFlow port number.
 
@@ -29,6 +30,7 @@ import ovs.db.idl
 
 from controller import links
 from controller.ovsdb import COLUMNS, OvsdbError, OvsdbSnapshot, OvsdbView, commit
+from controller.tls import ovs_ssl
 from topology.config import HostConfig
 
 log = logging.getLogger(__name__)
@@ -274,12 +276,41 @@ def _plan(cfg: HostConfig, idl: ovs.db.idl.Idl, txn: Txn) -> _Plan:
                     plan.changed.append(f"interface {port_name}: type {iface.type} -> system")
                     _set(iface, "type", "")
 
+    _fix_ssl(cfg, root, txn, idl, plan)
     if new_bridges:
         root.verify("bridges")
         root.bridges = [*(b for b in root.bridges if b is not None), *new_bridges]
     if plan.created or plan.changed:
         root.increment("next_cfg")
     return plan
+
+
+def _fix_ssl(cfg: HostConfig, root: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _Plan) -> None:
+    """The switch side of the TLS channel: OVSDB's one SSL row (ovs-vsctl set-ssl).
+
+    Only with ``controller.listen: ssl:``; with plain tcp the SSL table is left
+    alone (it may serve other connections, e.g. an ssl: manager).
+    """
+    want = ovs_ssl(cfg)
+    if want is None:
+        return
+    row = _opt(root.ssl)
+    if row is None:
+        row = txn.insert(idl.tables["SSL"])
+        for column, value in want.items():
+            _set(row, column, value)
+        plan.undo.columns.append(("Open_vSwitch", root.uuid, "ssl", list(root.ssl)))
+        root.verify("ssl")
+        root.ssl = row
+        plan.created.append(f"OVS SSL: certificate {want['certificate']}, ca_cert "
+                            f"{want['ca_cert']}")
+        return
+    for column, value in want.items():
+        current = getattr(row, column)
+        if current != value:
+            plan.undo.columns.append(("SSL", row.uuid, column, current))
+            _set(row, column, value)
+            plan.changed.append(f"OVS SSL: {column} {current or 'unset'} -> {value}")
 
 
 def _fix_bridge(cfg: HostConfig, br: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _Plan) -> None:
@@ -338,6 +369,12 @@ def _fix_bridge(cfg: HostConfig, br: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _
 
 
 _CONTROLLER_WRITABLE = ("target", "max_backoff", "inactivity_probe", "connection_mode")
+# bootstrap also owns the SSL row of the TLS channel (controller.tls)
+BOOTSTRAP_COLUMNS: dict[str, list[str]] = {
+    **COLUMNS,
+    "Open_vSwitch": [*COLUMNS["Open_vSwitch"], "ssl"],
+    "SSL": ["private_key", "certificate", "ca_cert"],
+}
 
 
 def _resolve(plan: _Plan, txn: Txn) -> None:
@@ -527,7 +564,7 @@ def _transact(
 
 def _open_view(cfg: HostConfig, timeout: float) -> OvsdbView:
     try:
-        view = OvsdbView(cfg.ovsdb, columns=COLUMNS, schema_timeout=timeout)
+        view = OvsdbView(cfg.ovsdb, columns=BOOTSTRAP_COLUMNS, schema_timeout=timeout)
     except OvsdbError as exc:
         raise BootstrapError(str(exc)) from exc
     try:

@@ -74,6 +74,13 @@ def main() -> None:
 @_config_option
 def validate(cfg: HostConfig) -> None:
     """Check host.yaml and exit (2 with file:line: field: reason if invalid)."""
+    from controller.tls import exposure_warnings
+
+    path = _policy_path(cfg)
+    if path is not None:
+        _load_policy(path)  # the policy host.yaml names must parse too
+    for warning in exposure_warnings(cfg):
+        click.echo(f"socknet: warning: {warning}", err=True)
     click.echo(f"ok: {cfg.host}: bridges {cfg.bridges.mesh.name}, {cfg.bridges.socket.name}")
 
 
@@ -230,13 +237,68 @@ def pipeline() -> None:
     click.echo(pipeline_markdown(), nl=False)
 
 
+def _network_plan(cfg: HostConfig, policy_file: str | None,
+                  mesh_peers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """network-plan.json for host.yaml, with --policy or else the policy host.yaml names."""
+    from controller.plan import build_plan
+
+    path = Path(policy_file) if policy_file is not None else _policy_path(cfg)
+    policy = _load_policy(path) if path is not None else None
+    return build_plan(cfg, policy, path.name if path is not None else None, mesh_peers)
+
+
 @main.command()
 @_config_option
-def bootstrap(cfg: HostConfig) -> None:
+@click.option("--policy", "policy_file", type=click.Path(),
+              help="policy.yaml (default: the one host.yaml names, if any)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="write network-plan.json here instead of standard output")
+@click.option("--mesh-interface", metavar="IFNAME",
+              help="WireGuard device to list mesh peers from (default: the literal mesh "
+                   "uplinks, then netmaker)")
+@click.option("--no-peers", is_flag=True, help="leave mesh peers out")
+def plan(cfg: HostConfig, policy_file: str | None, output: str | None,
+         mesh_interface: str | None, no_peers: bool) -> None:
+    """Write the deterministic network-plan.json that `bootstrap --plan` checks."""
+    from controller.plan import plan_json, read_mesh_peers
+
+    peers = None
+    if not no_peers:
+        peers, why = read_mesh_peers(cfg, mesh_interface)
+        if why:
+            click.echo(f"socknet: note: mesh peers left out of the plan: {why}", err=True)
+    text = plan_json(_network_plan(cfg, policy_file, peers))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        Path(output).write_text(text)
+    except OSError as exc:
+        _fail([f"cannot write {output}: {exc.strerror}"], EXIT_BAD_INPUT)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@_config_option
+@click.option("--plan", "plan_file", type=click.Path(),
+              help="network-plan.json to enforce: refuse (exit 2) if host.yaml no longer "
+                   "matches it")
+def bootstrap(cfg: HostConfig, plan_file: str | None) -> None:
     """Create/repair the mesh and vmbr0 bridges and the to-socket/from-mesh pair."""
     from controller.bootstrap import BootstrapError
     from controller.bootstrap import bootstrap as do_bootstrap
 
+    if plan_file is not None:
+        from controller.plan import PlanError, check_plan
+
+        try:
+            check_plan(plan_file, _network_plan(cfg, None))
+        except PlanError as exc:
+            _fail(exc.problems, EXIT_BAD_INPUT)
+    if cfg.ovsdb.startswith("unix:") and not Path(cfg.ovsdb[5:]).exists():
+        # fail at once (not after the connect timeout): systemd retries in a second
+        _fail([f"OVSDB socket {cfg.ovsdb[5:]} does not exist (is ovsdb-server running?)"],
+              EXIT_FAILED)
     try:
         result = do_bootstrap(cfg)
     except BootstrapError as exc:

@@ -64,13 +64,12 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     if reloader is not None:
         reloader.watch()
 
-    osken_cfg.CONF(
-        args=[
-            "--ofp-listen-host", cfg.controller.host,
-            "--ofp-tcp-listen-port", str(cfg.controller.port),
-        ],
-        project="os_ken",
-    )
+    from controller.tls import exposure_warnings, osken_args
+
+    for warning in exposure_warnings(cfg):
+        log.warning("listener_not_loopback", problem=warning)
+    # tcp: a plain listener; ssl: a TLS listener only, switch certificates checked
+    osken_cfg.CONF(args=osken_args(cfg), project="os_ken")
     controller.start()
     threading.Thread(target=follow_ovsdb, name="socknet-ovsdb", daemon=True).start()
     if cfg.metrics.enabled:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,13 +78,21 @@ class Demo:
         self.check("controller restarted: privacy 100 -> internet", True,
                    lambda: ping_from(c[100].ns, INTERNET_IP))
         print()
-        status = lab.socknet("status", check=False)
-        print(status.stdout)
+        print(self._status_when_connected())
         if self.failures:
             print(f"demo: {self.failures} check(s) did not behave as expected", file=sys.stderr)
             return 1
         print("demo: every check behaved as expected")
         return 0
+
+    def _status_when_connected(self, timeout_s: float = 15.0) -> str:
+        """`socknet status`, once OVS reports the restarted controller (it does so lazily)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            res = self.lab.socknet("status", check=False)
+            if res.returncode == 0 or time.monotonic() > deadline:
+                return res.stdout
+            time.sleep(0.5)
 
     def _privacy_only_on_warp(self) -> bool:
         lab, c = self.lab, self.lab.containers

@@ -66,7 +66,7 @@ class SocketLab:
                  privacy_ids: tuple[int, ...] = PRIVACY_IDS,
                  service_ids: tuple[int, ...] = SERVICE_IDS,
                  mesh_uplinks: tuple[str, ...] = ("nm-privacy",),
-                 mtu: int | None = None) -> None:
+                 mtu: int | None = None, tls_dir: Path | None = None) -> None:
         if len(prefix) > 8:
             raise ValueError("prefix must be at most 8 characters (interface name limits)")
         self.prefix = prefix
@@ -77,6 +77,9 @@ class SocketLab:
         self.service_ids = tuple(service_ids)
         self.mesh_uplinks = tuple(mesh_uplinks)
         self.mtu = mtu  # containers' MTU (both veth ends); None: the kernel's 1500
+        # TLS OpenFlow channel (controller.listen ssl:): tls_dir holds controller-key.pem,
+        # controller-cert.pem, switch-key.pem, switch-cert.pem and ca-cert.pem
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         self.undeclared: set[int] = set()  # containers host.yaml does not declare
         self.host = f"{prefix}h"
         self.mesh_ns = f"{prefix}m"
@@ -116,12 +119,21 @@ class SocketLab:
             f"host: {self.prefix}\n"
             f"ovsdb: {self.ovs.db_remote}\n"
             "datapath_type: netdev\n"
-            f"controller: {{listen: 'tcp:127.0.0.1:{self.controller_port}'}}\n"
+            f"controller: {self._controller_yaml()}\n"
             "bridges:\n"
             f"  mesh: {{name: mesh, uplinks: [{uplinks}], to_socket: to-socket}}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
             f"containers:\n{containers}\n"
         )
+
+    def _controller_yaml(self) -> str:
+        if self.tls_dir is None:
+            return f"{{listen: 'tcp:127.0.0.1:{self.controller_port}'}}"
+        d = self.tls_dir
+        return (f"{{listen: 'ssl:127.0.0.1:{self.controller_port}', tls: {{"
+                f"key: '{d}/controller-key.pem', cert: '{d}/controller-cert.pem', "
+                f"ca_cert: '{d}/ca-cert.pem', switch_key: '{d}/switch-key.pem', "
+                f"switch_cert: '{d}/switch-cert.pem'}}}}")
 
     # ------------------------------------------------------------ lifecycle
     def up(self, *, controller: bool = True) -> SocketLab:

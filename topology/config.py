@@ -194,6 +194,25 @@ class MeshBridgeCfg(_Strict):
     name: IfName = "mesh"
     uplinks: list[IfName] = Field(default_factory=lambda: ["nm-privacy"], min_length=1)
     to_socket: IfName = "to-socket"
+    # The mesh's WireGuard device (Netmaker: `netmaker`, older `nm-<net>`) and, for
+    # wireguard-go, the directory of its UAPI socket <wg_sock_dir>/<wg_interface>.sock.
+    wg_interface: IfName = "netmaker"
+    wg_sock_dir: str = "/var/run/wireguard"
+    # true: socknet itself keeps one kernel VXLAN device `vx-<hash>` per live peer of
+    # wg_interface as a port of this bridge (controller.peersync); false: the `vx-*`
+    # devices (or whatever `uplinks` names) are made by someone else.
+    vxlan: bool = False
+    # a peer whose latest handshake is older than this is gone: its device goes too
+    stale_after_s: int = Field(default=180, ge=10, le=86_400)
+
+    @model_validator(mode="after")
+    def _vxlan_ports_are_uplinks(self) -> MeshBridgeCfg:
+        import fnmatch
+
+        if self.vxlan and not any(fnmatch.fnmatchcase("vx-0123abcd", p) for p in self.uplinks):
+            raise ValueError("vxlan: true needs an uplink pattern that matches socknet's "
+                             "per-peer devices, e.g. uplinks: [\"vx-*\"]")
+        return self
 
 
 class SocketBridgeCfg(_Strict):
