@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PKGS := openvswitch-switch openvswitch-common wireguard-tools wireguard-go iproute2 \
             ethtool iputils-ping iperf3 tcpdump procps psmisc python3-venv graphviz \
-            mininet net-tools
+            mininet net-tools openssl
 HOSTS ?= 1
 # net-*: the host.yaml to act on, and its reviewed plan (seed 000: network-plan.json)
 CONFIG ?= /etc/socknet/host.yaml
