@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from os_ken.lib.pack_utils import msg_pack_into
-from os_ken.ofproto import nicira_ext, ofproto_v1_4_parser
+from os_ken.ofproto import nicira_ext, ofproto_v1_4, ofproto_v1_4_parser
 
 from topology.model import (
     ALL_ONES64,
@@ -74,7 +75,8 @@ from topology.model import (
     ToController,
 )
 
-CACHE_SIZE = 1 << 18  # encoded flows kept per process (a few hundred bytes each)
+CACHE_SIZE = 1 << 12  # os-ken objects of recently encoded flows (kilobytes each)
+WIRE_CACHE_SIZE = 1 << 18  # serialized match+instructions per flow (~100-300 bytes each)
 
 BUNDLE_FLAGS_NAMES = ("OFPBF_ATOMIC", "OFPBF_ORDERED")
 
@@ -422,6 +424,88 @@ def cache_info() -> Any:
 def cache_clear() -> None:
     """Forget every cached encoding (tests; or to release memory after a large churn)."""
     _encoded.cache_clear()
+    _wire_tail.cache_clear()
+
+
+@functools.lru_cache(maxsize=WIRE_CACHE_SIZE)
+def _wire_tail(parser: ModuleType, flow: Flow) -> bytes:
+    """Only the bytes of match + instructions: what big bundles need, kept for many flows
+    (the os-ken objects behind them would cost kilobytes per flow). Packed from per-field
+    OXM TLVs and per-action bytes, ~4x cheaper than building an OFPMatch; byte-identical
+    to os-ken's own serialization (tests/test_encode.py)."""
+    if any(isinstance(a, Learn) for a in flow.actions):
+        # os-ken pads learn specs relative to their place in the whole message: let it
+        # lay these few pipeline flows out itself
+        return _encoded.__wrapped__(parser, flow).tail
+    check_flow(flow)
+    ofproto = parser.ofproto
+    parts = [_match_bytes(ofproto, flow.match)]
+    if flow.meter is not None:
+        parts.append(struct.pack("!HHI", ofproto.OFPIT_METER, 8, flow.meter))
+    if flow.actions:
+        acts = b"".join(_action_bytes(parser, a) for a in flow.actions)
+        parts.append(struct.pack("!HH4x", ofproto.OFPIT_APPLY_ACTIONS, 8 + len(acts)))
+        parts.append(acts)
+    if flow.goto is not None:
+        parts.append(struct.pack("!HHB3x", ofproto.OFPIT_GOTO_TABLE, 8, flow.goto))
+    return b"".join(parts)
+
+
+def _match_bytes(ofproto: ModuleType, match: tuple[tuple[str, Any], ...]) -> bytes:
+    """An OXM ofp_match: TLVs sorted by OXM type (os-ken's order), header, padding."""
+    tlvs = sorted(_oxm_tlv(ofproto, k, v) for k, v in match)
+    body = b"".join(t for _, t in tlvs)
+    length = 4 + len(body)
+    return struct.pack("!HH", ofproto.OFPMT_OXM, length) + body + bytes(-length % 8)
+
+
+# (ofproto, field, masked) -> (os-ken's sort key, 4-byte OXM header, value width); learnt
+# from os-ken on first use, so the layout is os-ken's and only the packing is ours.
+_OXM_HEADS: dict[tuple[ModuleType, str, bool], tuple[int, bytes, int] | None] = {}
+
+
+def _oxm_tlv(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes]:
+    masked = isinstance(value, tuple)
+    key = (ofproto, name, masked)
+    head = _OXM_HEADS.get(key, False)
+    if head is False:
+        head = _OXM_HEADS[key] = _learn_oxm_head(ofproto, name, value)
+    if head is None:  # an experimenter-class field: let os-ken pack it
+        return _oskn_tlv(ofproto, name, value)
+    order, header, width = head
+    if masked:
+        return order, header + _pack(value[0], width) + _pack(value[1], width)
+    return order, header + _pack(value, width)
+
+
+def _oskn_tlv(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes]:
+    num, v, m = ofproto.oxm_from_user(name, value)
+    buf = bytearray()
+    ofproto.oxm_serialize(num, v, m, buf, 0)
+    return (num[0] if isinstance(num, tuple) else num), bytes(buf)
+
+
+def _learn_oxm_head(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes, int] | None:
+    order, tlv = _oskn_tlv(ofproto, name, value)
+    if tlv[:2] == b"\xff\xff":
+        return None
+    width = tlv[3] // 2 if isinstance(value, tuple) else tlv[3]
+    return order, tlv[:4], width
+
+
+def _pack(value: int | str, width: int) -> bytes:
+    if isinstance(value, int):
+        return value.to_bytes(width, "big")
+    if ":" in value:
+        return bytes.fromhex(value.replace(":", ""))
+    return socket.inet_aton(value) if width == 4 else value.encode()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _action_bytes(parser: ModuleType, action: Any) -> bytes:
+    buf = bytearray()
+    encode_action(parser, parser.ofproto, action).serialize(buf, 0)
+    return bytes(buf)
 
 
 @functools.cache
@@ -688,3 +772,49 @@ def set_field_value(stats: Any, field: str) -> Any | None:
 # Flow stats of our own flows carry controller(meter_id=N): os-ken must parse them from
 # the first reply on, before this process has encoded anything.
 register_controller2_meter(ofproto_v1_4_parser)
+
+
+# ---------------------------------------------------------------- raw bundles
+# Building and serializing one os-ken message per flow costs ~27 us even with cached
+# match/instructions; a big policy install is bundle-add messages around flow-mods
+# and nothing else, so those are packed here straight into one buffer.
+
+_HEADER = struct.Struct("!BBHI")
+_BUNDLE_ADD_HEAD = struct.Struct("!BBHI" + ofproto_v1_4.OFP_BUNDLE_ADD_MSG_0_PACK_STR[1:])
+_FLOW_MOD_FIXED = struct.Struct(ofproto_v1_4.OFP_FLOW_MOD_PACK_STR0)
+_EMPTY_MATCH = b"\x00\x01\x00\x04\x00\x00\x00\x00"  # OXM match with no fields, padded
+
+
+def _bundle_add_wrap(version: int, bundle_id: int, flags: int, xid: int, body: bytes) -> bytes:
+    inner_len = _HEADER.size + len(body)
+    return b"".join((
+        _BUNDLE_ADD_HEAD.pack(version, ofproto_v1_4.OFPT_BUNDLE_ADD_MESSAGE,
+                              _BUNDLE_ADD_HEAD.size + inner_len, xid, bundle_id, flags),
+        _HEADER.pack(version, ofproto_v1_4.OFPT_FLOW_MOD, inner_len, xid),
+        body,
+    ))
+
+
+def raw_bundle_adds(dp: DatapathLike, bundle_id: int, plan_items: Sequence[Flow | int],
+                    first_xid: int) -> bytes:
+    """OFPT_BUNDLE_ADD_MESSAGEs, byte for byte what os-ken would send for
+    ``bundle_messages(dp, [flow_mod_add(f) | flow_mod_delete_cookie(c) ...], bundle_id)``
+    minus the open and commit: a Flow is added, an int cookie deleted (all tables).
+    Message k carries xid ``first_xid + k``."""
+    ofp = dp.ofproto
+    version, flags = ofp.OFP_VERSION, bundle_flags(ofp)
+    parser = dp.ofproto_parser
+    out = []
+    for k, item in enumerate(plan_items):
+        if isinstance(item, Flow):
+            tail = _wire_tail(parser, item)
+            body = _FLOW_MOD_FIXED.pack(
+                item.cookie, 0, item.table, ofp.OFPFC_ADD, item.idle_timeout, item.hard_timeout,
+                item.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0, 0) + tail
+        else:
+            body = _FLOW_MOD_FIXED.pack(
+                item, ALL_ONES64, ofp.OFPTT_ALL, ofp.OFPFC_DELETE, 0, 0, 0, ofp.OFP_NO_BUFFER,
+                ofp.OFPP_ANY, ofp.OFPG_ANY, 0, 0) + _EMPTY_MATCH
+        out.append(_bundle_add_wrap(version, bundle_id, flags, (first_xid + k) & ofp.MAX_XID,
+                                    body))
+    return b"".join(out)

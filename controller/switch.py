@@ -121,13 +121,46 @@ class SwitchSession:
         """Send the plan as one atomic bundle; returns the number of flow-mods sent."""
         if plan.empty:
             return 0
-        dp = self.dp
-        mods = [encode.flow_mod_delete_cookie(dp, c) for c in plan.purge_cookies]
-        mods += [encode.flow_mod_add(dp, f) for f in plan.add]
-        mods += [encode.flow_mod_delete_cookie(dp, c) for c in plan.delete_cookies]
-        self.send_bundle(mods)
-        self.flow_mods_sent += len(mods)
-        return len(mods)
+        items: list[Any] = [*plan.purge_cookies, *plan.add, *plan.delete_cookies]
+        self.send_raw_bundle(items)
+        self.flow_mods_sent += len(items)
+        return len(items)
+
+    def send_raw_bundle(self, items: list[Any]) -> None:
+        """One atomic bundle of flow ADDs (Flow) and deletes by cookie (int), packed by
+        encode.raw_bundle_adds into a single write: open, the adds, commit."""
+        dp, ofp, parser = self.dp, self.dp.ofproto, self.dp.ofproto_parser
+        bundle_id = next(_bundle_ids)
+        flags = encode.bundle_flags(ofp)
+        open_msg = parser.OFPBundleCtrlMsg(dp, bundle_id, ofp.OFPBCT_OPEN_REQUEST, flags, [])
+        commit = parser.OFPBundleCtrlMsg(dp, bundle_id, ofp.OFPBCT_COMMIT_REQUEST, flags, [])
+        pending = _Pending(multi=False)
+        with self._seq_lock:
+            self._register(open_msg, pending)
+            first = (dp.xid + 1) & ofp.MAX_XID
+            dp.xid = (dp.xid + len(items)) & ofp.MAX_XID  # xids of the packed adds
+            raw = encode.raw_bundle_adds(dp, bundle_id, items, first)
+            self._register(commit, pending)
+            pending.final_xid = commit.xid
+            xids = [(first + k) & ofp.MAX_XID for k in range(len(items))]
+            with self._pending_lock:
+                for xid in xids:
+                    self._pending[xid] = pending
+            try:
+                dp.send_msg(open_msg)
+                dp.send(raw)
+                dp.send_msg(commit)
+                if not pending.done.wait(max(REPLY_TIMEOUT_S, len(items) / 20000)):
+                    raise SwitchError(f"{self.bridge}: bundle commit not answered")
+                if pending.errors:
+                    err = _error_text(pending.errors[0])
+                    raise SwitchError(f"{self.bridge}: bundle refused: {err}")
+            finally:
+                self._unregister(open_msg, commit)
+                with self._pending_lock:
+                    for xid in xids:
+                        self._pending.pop(xid, None)
+        self.bundles_sent += 1
 
     def send_bundle(self, mods: list[Any]) -> None:
         msgs = encode.bundle_messages(self.dp, mods, next(_bundle_ids))

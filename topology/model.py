@@ -12,6 +12,7 @@ Match field names follow os-ken's OXM names (``in_port``, ``eth_dst``,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -230,8 +231,9 @@ class Flow:
     meter: int | None = None  # OpenFlow meter instruction (rate limit), e.g. for logging
     note: str = field(default="", compare=False)  # human hint for `socknet flows`, not sent
 
-    @property
+    @functools.cached_property
     def cookie(self) -> int:
+        """Owner and content hash; computed once per Flow (reconciles ask often)."""
         return owner_cookie_prefix(self.owner) | content_hash(self)
 
     @property

@@ -37,7 +37,7 @@ from topology.pipeline import (
     SOCKET_PIPELINE,
     ZONE_POLICY,
 )
-from topology.policy import PROTO_NUMBERS, Policy, PortRange, Rule
+from topology.policy import PROTO_NUMBERS, AddressSet, Policy, PortRange, Rule
 
 ETH_IPV4 = 0x0800
 # ct_mark bits of zone ZONE_POLICY: bit 1 = committed by the policy, bit 0 = a deny cut it.
@@ -91,6 +91,11 @@ def _dimensions(rule: Rule) -> list[list[Match]]:
     return dims
 
 
+def _side(addresses: AddressSet) -> str:
+    text = str(addresses)
+    return text if len(text) <= 60 else f"{len(addresses.names)} address sets"
+
+
 def rule_priority(position: int) -> int:
     return RULE_PRIORITY_TOP - RULE_PRIORITY_STEP * position
 
@@ -100,7 +105,8 @@ def _rule_flows(rule: Rule, position: int) -> list[Flow]:
     prio = rule_priority(position)
     target = SOCKET_PIPELINE["policy_allow" if rule.action == "allow" else "policy_deny"]
     decide = [SetReg(REG_RULE, rule.rule_id)]
-    note = f"policy_rules: {rule.action} {rule.name}: {rule.src} -> {rule.dst}"
+    # one note string shared by all the rule's flows (a 100k-flow policy keeps them all)
+    note = f"policy_rules: {rule.action} {rule.name}: {_side(rule.src)} -> {_side(rule.dst)}"
     dims = _dimensions(rule)
     sizes = [len(d) for d in dims]
     if len(dims) <= 1 or math.prod(sizes) <= sum(sizes) + 1:
@@ -118,7 +124,7 @@ def _rule_flows(rule: Rule, position: int) -> list[Flow]:
     for k, dim in enumerate(dims, start=1):
         for part in dim:
             out.append(flow(t, prio, actions=[Conjunction(rule.rule_id, k, n)],
-                            owner=Owner.POLICY, note=f"{note} (clause {k}/{n})",
+                            owner=Owner.POLICY, note=note,
                             eth_type=ETH_IPV4, **part))
     return out
 
