@@ -108,9 +108,12 @@ class Stats:
 
 class Controller:
     def __init__(self, cfg: HostConfig, audit_interval_s: float = 30.0,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, policy_pending: bool = False) -> None:
         self.cfg = cfg
         self.policy = policy
+        # True until the configured policy is loaded: nothing is reconciled before (the
+        # switches keep their flows), so no switch ever runs without its policy.
+        self.policy_pending = policy_pending
         self.bindings: dict[str, Binding] = {}  # learned container addresses, by port name
         # remote service hosts learned from ARP across the mesh: IPv4 -> (MAC, last heard)
         self.remote: dict[str, tuple[str, float]] = {}
@@ -190,6 +193,7 @@ class Controller:
         """Install a policy that has already been validated and tested."""
         with self._lock:
             self.policy = policy
+            self.policy_pending = False
             self.stats.policy_generation += 1
             if self._ports is not None:
                 self._recompute()
@@ -274,6 +278,8 @@ class Controller:
             session = self._sessions.get(dpid)
             desired = self._desired
             bridge = self._bridge_of(dpid)
+        if self.policy_pending:
+            return 0  # the policy is still loading: leave the switch as it is
         if session is None or desired is None or bridge is None or bridge not in desired:
             return 0  # not connected, or OVSDB not read yet: try again on the next event
         started = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -26,16 +25,22 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     from controller.ovsdb import OvsdbView
     from controller.reload import PolicyReloader, load_checked
 
-    policy = None
-    if policy_path is not None:
+    controller = Controller(cfg, audit_interval_s=audit_interval_s,
+                            policy_pending=policy_path is not None)
+
+    def load_policy() -> None:
+        """In the background, so the OpenFlow listener is up at once: OVS backs off
+        (1, 2, 4 s ...) while nobody listens, whatever max_backoff says."""
+        assert policy_path is not None
         policy, problems = load_checked(policy_path)
         if policy is None:
-            # Refuse to start: the flows already on the switches stay in force
+            # Refuse to run: the flows already on the switches stay in force
             # (fail_mode=secure), which is safer than running without the policy.
             for problem in problems:
                 log.error("policy_invalid", path=str(policy_path), problem=problem)
-            sys.exit(2)
-    controller = Controller(cfg, audit_interval_s=audit_interval_s, policy=policy)
+            os._exit(2)
+        controller.set_policy(policy)
+        log.info("policy_loaded", path=str(policy_path), rules=len(policy.rules))
     socknet_app.bind(controller)
     reloader = PolicyReloader(policy_path, controller) if policy_path is not None else None
     stop = threading.Event()
@@ -76,7 +81,8 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
         from controller.metrics import serve_metrics
 
         serve_metrics(controller, cfg.metrics.host, cfg.metrics.port)
+    if policy_path is not None:
+        threading.Thread(target=load_policy, name="socknet-policy", daemon=True).start()
     log.info("started", listen=cfg.controller.listen, ovsdb=cfg.ovsdb, host=cfg.host,
-             policy=str(policy_path) if policy_path else None,
-             rules=len(policy.rules) if policy else 0)
+             policy=str(policy_path) if policy_path else None)
     AppManager.run_apps(["apps.socknet_app"])
