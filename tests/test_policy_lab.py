@@ -249,3 +249,28 @@ def test_rule_counters_in_status_and_metrics(lab: PolicyLab):
     out = lab.socknet("status", check=False).stdout
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("app-db"))
     assert int(line.split()[2]) >= 3
+
+
+def test_ovs_restart_never_opens_a_hole(lab: PolicyLab):
+    """ovs-vswitchd restarts (flows gone, fail_mode=secure): denied traffic never passes
+    at any moment, and allowed traffic resumes once the controller has reinstalled."""
+    allowed = conn.UdpStream(ns(lab, APP), ip(APP), ns(lab, DB), ip(DB), 5353, rate=200,
+                             seconds=8.0)
+    denied = conn.UdpStream(ns(lab, EDGE), ip(EDGE), ns(lab, DB), ip(DB), 5354, rate=200,
+                            seconds=8.0)
+    try:
+        time.sleep(1.0)
+        before = len(lab.log_events())
+        lab.ovs.restart_vswitchd()
+        assert eventually(lambda: any(e.get("bridge") == "vmbr0" and e.get("read_from_switch")
+                                      for e in events(lab, "reconciled", before)), 15.0)
+        sent_ok, got_ok = allowed.result()
+        sent_denied, got_denied = denied.result()
+    finally:
+        allowed.close()
+        denied.close()
+    assert sent_denied > 1000 and got_denied == 0  # not one denied packet got through
+    assert got_ok > 0 and sent_ok > 1000
+    # after the restart the allowed path works again, with the full policy
+    assert tcp(lab, APP, DB, 5432)
+    assert not tcp(lab, EDGE, DB, 5432)
