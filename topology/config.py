@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from topology.yamlpos import line_of, load_with_lines
+from topology.yamlpos import load_with_lines, validation_problems, yaml_problem
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]-]{1,15}$")
@@ -307,25 +306,6 @@ class HostConfig(_Strict):
         return self.containers.get(vmid, ContainerCfg())
 
 
-def _format_loc(loc: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def _pydantic_problems(path: str, root: Any, exc: ValidationError) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # drop union/type tags pydantic inserts (e.g. 'function-before[...]')
-        line = line_of(root, loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        problems.append(f"{path}:{line}: {_format_loc(loc)}: {msg}")
-    return problems
-
-
 def load_host_config(path: str | Path) -> HostConfig:
     """Parse and validate host.yaml. Raises ConfigError with file:line: field: reason."""
     path = str(path)
@@ -340,13 +320,10 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     try:
         root, data = load_with_lines(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", exc)
-        raise ConfigError([f"{path}:{line}: YAML syntax error: {problem}"]) from None
+        raise ConfigError([yaml_problem(path, exc)]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: (top level): expected a mapping of settings"])
     try:
         return HostConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(path, root, exc)) from None
+        raise ConfigError(validation_problems(path, root, exc.errors())) from None

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from topology.yamlpos import line_of, load_with_lines
+from topology.yamlpos import line_of, load_with_lines, validation_problems, yaml_problem
 
 Proto = Literal["tcp", "udp", "icmp"]
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
@@ -514,29 +514,14 @@ def parse_policy(text: str, path: str = "<string>") -> Policy:
     try:
         root, data = load_with_lines(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", exc)
-        raise PolicyError([f"{path}:{line}: YAML syntax error: {problem}"]) from None
+        raise PolicyError([yaml_problem(path, exc)]) from None
     if not isinstance(data, dict):
         raise PolicyError([f"{path}:1: expected a mapping with tiers, policy and tests"])
     try:
         raw = RawPolicy.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple("from" if p == "from_" else p for p in err["loc"])
-            # pydantic names union members in the location; they are not YAML keys
-            loc = tuple(p for p in loc if not (isinstance(p, str) and (
-                p.startswith(("list[", "function-")) or p in ("str", "int", "bool"))))
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif err["type"] == "missing":
-                msg = "required field is missing"
-            where = ".".join(str(p) for p in loc)
-            problems.append(f"{path}:{line_of(root, loc)}: {where}: {msg}")
-        raise PolicyError(sorted(set(problems), key=problems.index)) from None
+        raise PolicyError(validation_problems(path, root, exc.errors(),
+                                              {"from_": "from"})) from None
     return _Builder(raw, root, path).build()
 
 

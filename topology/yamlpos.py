@@ -46,3 +46,35 @@ def line_of(root: yaml.Node | None, loc: Sequence[Any]) -> int:
         else:
             return line
     return line
+
+
+def yaml_problem(path: str, exc: yaml.YAMLError) -> str:
+    """``file:line: YAML syntax error: ...`` for a parse failure."""
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark else 1
+    return f"{path}:{line}: YAML syntax error: {getattr(exc, 'problem', exc)}"
+
+
+# pydantic names union members and validators in an error's location; not YAML keys
+_NOT_KEYS = ("str", "int", "bool")
+
+
+def validation_problems(path: str, root: yaml.Node | None, errors: list[dict[str, Any]],
+                        aliases: dict[str, str] | None = None) -> list[str]:
+    """pydantic errors as ``file:line: field.path: reason``, each once, in order."""
+    aliases = aliases or {}
+    problems: list[str] = []
+    for err in errors:
+        loc = tuple(aliases.get(p, p) if isinstance(p, str) else p for p in err["loc"])
+        loc = tuple(p for p in loc if not (isinstance(p, str) and (
+            p.startswith(("list[", "function-")) or p in _NOT_KEYS)))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        problem = f"{path}:{line_of(root, loc)}: {where}: {msg}"
+        if problem not in problems:
+            problems.append(problem)
+    return problems
