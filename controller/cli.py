@@ -309,6 +309,35 @@ def bootstrap(cfg: HostConfig, plan_file: str | None) -> None:
             click.echo(f"changed: {change}")
     else:
         click.echo("nothing to do: bridges already as configured")
+    if cfg.bridges.mesh.vxlan:
+        _sync_mesh_peers(cfg)
+
+
+def _sync_mesh_peers(cfg: HostConfig) -> None:
+    """`bootstrap` with `vxlan: true`: one sync of the per-peer VXLAN ports. A mesh
+    interface that cannot be read yet is a note (the controller follows it later);
+    a device or port that cannot be made is a failure."""
+    from controller.ovsdb import OvsdbError
+    from controller.peersync import PeerSync, PeerSyncError
+
+    sync = PeerSync(cfg)
+    try:
+        result = sync.sync_once()
+    except (PeerSyncError, OvsdbError, OSError) as exc:
+        _fail([f"mesh peers: {exc}"], EXIT_FAILED)
+    finally:
+        sync.close()
+    if result.reading is None:
+        for err in result.errors:
+            click.echo(f"socknet: note: mesh peers not synced: {err}", err=True)
+        return
+    for change in result.changes:
+        click.echo(f"changed: mesh peer port {change}")
+    for err in result.errors:
+        click.echo(f"socknet: warning: mesh peers: {err}", err=True)
+    live = sum(1 for p in result.plans if p.device is not None)
+    click.echo(f"mesh peers: {len(result.plans)} on {cfg.bridges.mesh.wg_interface}, "
+               f"{live} with a port")
 
 
 @main.command()

@@ -53,8 +53,10 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
 
     pkt = packet.Packet()
     pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=0x0806))
-    pkt.add_protocol(arp.arp(opcode=arp.ARP_REQUEST, src_mac=mac, src_ip=ip,
-                             dst_mac="00:00:00:00:00:00", dst_ip=ip))
+    # an unsolicited ARP *reply* (arping -A): a request for the container's own address
+    # would be answered by this host's ARP responder for it and never reach the mesh
+    pkt.add_protocol(arp.arp(opcode=arp.ARP_REPLY, src_mac=mac, src_ip=ip,
+                             dst_mac="ff:ff:ff:ff:ff:ff", dst_ip=ip))
     pkt.serialize()
     return bytes(pkt.data)
 
@@ -336,6 +338,9 @@ class Controller:
                 continue
             binding = binding_of(self.cfg, port, self.bindings)
             if binding is None or binding.ip is None:
+                # not declared, not learned yet: announce it once its first packet taught
+                # us its addresses (a container that moved here undeclared)
+                self._announced.discard((name, ofport))
                 continue
             try:
                 session.send([encode.packet_out_through_pipeline(

@@ -77,6 +77,11 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     osken_cfg.CONF(args=osken_args(cfg), project="os_ken")
     controller.start()
     threading.Thread(target=follow_ovsdb, name="socknet-ovsdb", daemon=True).start()
+    if cfg.bridges.mesh.vxlan:
+        from controller.peersync import start_thread
+
+        # one VXLAN port per live WireGuard peer, followed every few seconds
+        start_thread(cfg, stop)
     if cfg.metrics.enabled:
         from controller.metrics import serve_metrics
 

@@ -100,7 +100,26 @@ def collect_status(cfg: HostConfig, policy_path: Path | None = None) -> dict[str
             data["rules"] = rule_counters(cfg, load_policy(policy_path))
         except PolicyError as exc:
             data["problems"].append(f"policy file: {exc.problems[0]}")
+    peers = _mesh_peers(cfg, snap.ports.get(cfg.bridges.mesh.name, {}))
+    if peers is not None:
+        from controller.peersync import status_problems
+
+        data["mesh_peers"] = peers
+        data["problems"].extend(status_problems(peers))
     return data
+
+
+def _mesh_peers(cfg: HostConfig, mesh_ports: dict[str, int]) -> dict[str, Any] | None:
+    """The mesh interface's WireGuard peers and their ports; None where there is no such
+    interface and socknet does not manage the per-peer ports (nothing to say)."""
+    from controller import links, wgpeers
+    from controller.peersync import peer_status
+
+    mesh = cfg.bridges.mesh
+    if not (mesh.vxlan or links.link_exists(mesh.wg_interface)
+            or wgpeers.uapi_socket(mesh.wg_interface, mesh.wg_sock_dir).exists()):
+        return None
+    return peer_status(cfg, mesh_ports)
 
 
 def format_status(data: dict[str, Any]) -> str:
@@ -136,6 +155,10 @@ def format_status(data: dict[str, Any]) -> str:
         for r in data["rules"]:
             lines.append(f"  {r['rule']:<24} {r['action']:<5} {r['packets']:>10} "
                          f"{r['bytes']:>12}")
+    if data.get("mesh_peers"):
+        from controller.peersync import format_peers
+
+        lines.extend(format_peers(data["mesh_peers"]))
     for problem in data.get("problems", []):
         lines.append(f"problem: {problem}")
     return "\n".join(lines) + "\n"

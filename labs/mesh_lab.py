@@ -8,9 +8,13 @@ only configured inside those namespaces (P = the lab prefix, N = 1..3)::
             veths (veth<vmid>i0), and
               ul0       underlay address 192.0.2.N/24
               netmaker  wireguard-go, mesh address 100.100.0.N/24, port 51821
-              vx-h<M>   kernel VXLAN to host M over the WireGuard addresses
-                        (remote 100.100.0.M, dev netmaker, MTU 1370): a port
-                        of `mesh`, matched by host.yaml's `uplinks: ["vx-*"]`
+              vx-<hash> kernel VXLAN to each peer host M over the WireGuard
+                        addresses (remote 100.100.0.M, dev netmaker, MTU 1370),
+                        made and removed by socknet itself (host.yaml `vxlan:
+                        true`, controller.peersync: name and VNI from the peers'
+                        public keys) as a port of `mesh`, matched by `uplinks:
+                        ["vx-*"]`. ``MeshLab(..., socknet_vxlan=False)`` keeps the
+                        older manual devices vx-h<M> (VNI ``vni(N, M)``) instead.
               warp0     veth, the WARP port of vmbr0; its peer is in P<N>r
               warp-wan  veth to P<N>r's wan0: the WARP tunnel's own UDP
     P<N>r   host N's WARP router (see below): warp0-rt 10.0.0.1/24 (the
@@ -29,10 +33,16 @@ The mesh. WireGuard (L3, no Ethernet header) cannot be an OVS port, so L2
 between the hosts' `mesh` bridges is kernel VXLAN over the WireGuard
 addresses, one device per peer and so one OpenFlow port per peer host. Linux
 refuses two VXLAN devices with the same VNI and UDP port in one namespace,
-whatever their remotes: the VNI is per pair of hosts (``vni(a, b)``), the same
-on both ends. MTU: WireGuard 1420 (wireguard-go's default; 1500 - 80) minus
-VXLAN's 50 gives 1370 on the vx devices and so on every container: OVS drops
-a frame larger than the MTU of the port it leaves by, silently.
+whatever their remotes: the VNI is per pair of hosts, the same on both ends
+(``MeshLab.vni(a, b)``: socknet's ``pair_vni`` of the two public keys, or
+``vni(a, b)`` for the manual devices). MTU: WireGuard 1420 (wireguard-go's
+default; 1500 - 80) minus VXLAN's 50 gives 1370 on the vx devices and so on
+every container: OVS drops a frame larger than the MTU of the port it leaves
+by, silently. The devices are made by ``socknet bootstrap`` once every peer has
+shaken hands (socknet makes ports for live peers only), then followed by the
+controller every 2 s; the peers have ``persistent-keepalive 20`` as Netmaker
+sets it, or an idle mesh would go stale after 180 s and lose its ports.
+``policy=`` gives every host the same policy.yaml (``write_policy`` replaces it).
 
 The WARP exit. A WireGuard device cannot be an OVS port either, so vmbr0's
 WARP port ``warp0`` is a veth whose peer ``warp0-rt`` sits in a per-host
@@ -260,6 +270,30 @@ class MeshHost(SocketLab):
                                  self.workdir / "wireguard-go-netmaker.log")
         self.wgwarp = WgDevice(self.router_ns, WARP_IF, self.run_dir,
                                self.workdir / "wireguard-go-wgwarp.log")
+        self.policy_path = self.workdir / "policy.yaml"
+
+    def host_config(self) -> str:
+        text = super().host_config()
+        old = "to_socket: to-socket}"
+        assert old in text, "SocketLab.host_config changed its mesh line"
+        vxlan = "true" if self.lab.socknet_vxlan else "false"
+        text = text.replace(old, f"to_socket: to-socket, vxlan: {vxlan}, wg_interface: "
+                                 f"{NETMAKER_IF}, wg_sock_dir: '{self.sock_dir}'}}")
+        if self.lab.policy is not None:
+            text += "policy: policy.yaml\n"
+        return text
+
+    def start_host(self) -> None:
+        if self.lab.policy is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.policy_path.write_text(self.lab.policy)
+        super().start_host()
+
+    def write_policy(self, text: str) -> None:
+        """Replace this host's policy file the way editors do (write aside, rename)."""
+        tmp = self.policy_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.policy_path)
 
     @property
     def namespaces(self) -> list[str]:
@@ -284,7 +318,12 @@ class MeshHost(SocketLab):
         return [m for m in range(1, self.lab.n_hosts + 1) if m != self.index]
 
     def vx_ports(self) -> dict[int, str]:
-        return {m: vx_port(m) for m in self.peers()}
+        """Peer host -> the name of this host's mesh port towards it."""
+        if not self.lab.socknet_vxlan:
+            return {m: vx_port(m) for m in self.peers()}
+        from controller.peersync import device_name
+
+        return {m: device_name(self.lab.keys[f"h{m}"].public) for m in self.peers()}
 
     def down(self) -> None:
         self.netmaker.stop()
@@ -295,7 +334,12 @@ class MeshHost(SocketLab):
 class MeshLab:
     """``MeshLab(prefix, workdir, hosts=2|3).up()``; ``down()`` removes everything."""
 
-    def __init__(self, prefix: str, workdir: Path, hosts: int = 2) -> None:
+    def __init__(self, prefix: str, workdir: Path, hosts: int = 2, *,
+                 socknet_vxlan: bool = True, policy: str | None = None) -> None:
+        """``socknet_vxlan``: socknet makes the per-peer VXLAN ports (else the lab does,
+        by hand); ``policy``: the text of a policy.yaml every host enforces."""
+        self.socknet_vxlan = socknet_vxlan
+        self.policy = policy
         if not 1 <= len(prefix) <= PREFIX_MAX or not re.fullmatch(r"[a-z][a-z0-9]*", prefix):
             raise ValueError(f"prefix must be 1-{PREFIX_MAX} lower-case letters/digits")
         if hosts not in (2, 3):
@@ -375,6 +419,9 @@ class MeshLab:
             self._host(h)
         for h in self.hosts:
             self._netmaker(h)
+        # handshakes first: socknet makes devices for live peers only
+        self._wait_probes([(h.host, mesh_ip(m)) for h in self.hosts for m in h.peers()
+                           if m > h.index])
         for h in self.hosts:
             self._vxlan(h)
         self._exit_wireguard()
@@ -461,13 +508,40 @@ class MeshLab:
         dev.start()
         args = ["set", NETMAKER_IF, "private-key", "/dev/stdin", "listen-port", str(NETMAKER_PORT)]
         for m in h.peers():
-            args += ["peer", self.keys[f"h{m}"].public, "endpoint",
-                     f"{underlay_ip(m)}:{NETMAKER_PORT}", "allowed-ips", f"{mesh_ip(m)}/32"]
+            args += self.netmaker_peer_args(m)
         dev.wg(*args, stdin=self.keys[f"h{h.index}"].private)
         nsl.add_addr(h.host, NETMAKER_IF, f"{h.mesh_ip}/{MESH_NET.prefixlen}")
         nsl.link_up(h.host, NETMAKER_IF)
 
+    def netmaker_peer_args(self, m: int) -> list[str]:
+        """``wg set`` arguments that (re)add host m as a peer of the mesh. Keepalive as
+        Netmaker sets it: without traffic WireGuard does not handshake again, and
+        socknet removes the port of a peer whose handshake is older than 180 s."""
+        return ["peer", self.keys[f"h{m}"].public, "endpoint",
+                f"{underlay_ip(m)}:{NETMAKER_PORT}", "allowed-ips", f"{mesh_ip(m)}/32",
+                "persistent-keepalive", "20"]
+
+    def vni(self, a: int, b: int) -> int:
+        """VNI of the VXLAN link between hosts a and b, as this lab makes them."""
+        if not self.socknet_vxlan:
+            return vni(a, b)
+        from controller.peersync import pair_vni
+
+        return pair_vni(self.keys[f"h{a}"].public, self.keys[f"h{b}"].public)
+
+    def write_policy(self, text: str) -> None:
+        """The same new policy.yaml on every host (each controller reloads it)."""
+        self.policy = text
+        for h in self.hosts:
+            h.write_policy(text)
+
     def _vxlan(self, h: MeshHost) -> None:
+        if self.socknet_vxlan:
+            out = h.socknet("bootstrap").stdout  # bootstrap syncs the per-peer ports
+            missing = [n for n in h.vx_ports().values() if not nsl.link_exists(h.host, n)]
+            if missing:
+                raise MeshLabError(f"[{h.host}] socknet bootstrap made no {missing}: {out}")
+            return
         for m, name in h.vx_ports().items():
             _ip(h.host, "link", "add", name, "type", "vxlan", "id", str(vni(h.index, m)),
                 "remote", mesh_ip(m), "local", h.mesh_ip, "dstport", str(VXLAN_PORT),
@@ -526,6 +600,10 @@ class MeshLab:
         probes = [(h.host, mesh_ip(m)) for h in self.hosts for m in h.peers()
                   if m > h.index]
         probes += [(h.router_ns, EXIT_TUNNEL_IP) for h in self.hosts]
+        self._wait_probes(probes)
+
+    @staticmethod
+    def _wait_probes(probes: list[tuple[str, str]]) -> None:
         for ns, dst in probes:
             deadline = time.monotonic() + READY_TIMEOUT_S
             while not _ping1(ns, dst):

@@ -29,7 +29,6 @@ from labs.mesh_lab import (
     MeshLab,
     mesh_ip,
     underlay_ip,
-    vni,
 )
 from labs.pkt import Sniffer
 
@@ -110,7 +109,7 @@ def test_one_vxlan_port_per_peer_on_the_mesh_bridge(lab: MeshLab):
             assert h.ovs.ofport(port) > 0
             details = nsl.run(h.host, ["ip", "-d", "link", "show", port]).stdout
             assert f"mtu {VXLAN_MTU}" in details
-            assert f"vxlan id {vni(h.index, m)} remote {mesh_ip(m)} local {h.mesh_ip} " \
+            assert f"vxlan id {lab.vni(h.index, m)} remote {mesh_ip(m)} local {h.mesh_ip} " \
                    f"dev {NETMAKER_IF}" in details
 
 
