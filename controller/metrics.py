@@ -70,6 +70,11 @@ class ControllerCollector(Collector):
                                 value=s.last_reload_ms / 1000)
         yield GaugeMetricFamily("socknet_learned_bindings", "Container addresses learned",
                                 value=len(c.bindings))
+        yield GaugeMetricFamily("socknet_remote_hosts", "Remote hosts learned across the mesh",
+                                value=len(c.remote))
+        yield GaugeMetricFamily("socknet_mesh_peers_up",
+                                "Mesh uplink ports (one per live peer with vxlan: true)",
+                                value=c.mesh_uplinks())
         connected = GaugeMetricFamily("socknet_switch_connected", "Switch connected",
                                       labels=["bridge"])
         tables = GaugeMetricFamily("socknet_flows", "Flows installed per table",

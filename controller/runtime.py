@@ -163,6 +163,14 @@ class Controller:
     def session(self, dpid: int) -> SwitchSession | None:
         return self._sessions.get(dpid)
 
+    def mesh_uplinks(self) -> int:
+        """Mesh uplink ports in OVSDB now (peers up, when socknet manages them)."""
+        mesh = self.cfg.bridges.mesh.name
+        with self._lock:
+            names = list((self._ports or {}).get(mesh, {}))
+        return sum(1 for n in names
+                   if classify_port(self.cfg, mesh, n).role is Role.MESH_UPLINK)
+
     def session_for(self, bridge: str) -> SwitchSession | None:
         dpid = self._dpids.get(bridge)
         return self._sessions.get(dpid) if dpid is not None else None

@@ -245,6 +245,7 @@ def test_rule_counters_in_status_and_metrics(lab: PolicyLab):
     assert _metric(text, "socknet_rule_packets_total", rule="default") >= 1
     assert _metric(text, "socknet_switch_connected", bridge="vmbr0") == 1
     assert _metric(text, "socknet_policy_generation") >= 1
+    assert _metric(text, "socknet_mesh_peers_up") == 1  # the lab's one mesh uplink
     assert _metric(text, "socknet_flows", bridge="vmbr0", table="22", owner="socknet") > 10
     out = lab.socknet("status", check=False).stdout
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("app-db"))
