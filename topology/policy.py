@@ -300,6 +300,19 @@ def _port_range(spec: PortSpec) -> PortRange:
     return PortRange(lo, hi)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _literal_net(text: str) -> IPv4Network:
+    """A literal CIDR of a rule (policies repeat them across rules; reloads re-read them)."""
+    return IPv4Network(text, strict=True)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _collapsed(nets: tuple[IPv4Network, ...]) -> tuple[IPv4Network, ...]:
+    if len(nets) == 1:
+        return nets
+    return tuple(ipaddress.collapse_addresses(nets))
+
+
 def _span(rule: Rule) -> tuple[int, int, int, int, frozenset[str] | None]:
     """Bounding box of a rule: source and destination address ranges and protocols
     (None = any protocol). covers() can only hold if the boxes nest."""
@@ -415,7 +428,7 @@ class _Builder:
                 nets.extend(sets[item].nets)
                 continue
             try:
-                net = IPv4Network(item, strict=True)
+                net = _literal_net(item)
             except ValueError:
                 ok = False
                 if any(ch.isdigit() for ch in item) and ("." in item or "/" in item):
@@ -427,7 +440,7 @@ class _Builder:
             nets.append(net)
         if not ok:
             return None
-        return AddressSet(tuple(names), tuple(ipaddress.collapse_addresses(nets)))
+        return AddressSet(tuple(names), _collapsed(tuple(nets)))
 
     def _services(self, loc: Sequence[Any], r: RawRule) -> tuple[Service, ...] | None:
         out: list[Service] = []
