@@ -54,7 +54,7 @@ class PolicyReloader:
                 log.error("policy_refused", path=str(self.path), reason=reason,
                           problems=problems, kept_generation=stats.policy_generation)
                 return False
-            if policy == self.controller.policy:
+            if policy.source_digest == getattr(self.controller.policy, "source_digest", None):
                 log.info("policy_unchanged", path=str(self.path), reason=reason)
                 return True
             self.controller.set_policy(policy)

@@ -9,6 +9,7 @@ generated from the same data (`pipeline_markdown`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -141,23 +142,9 @@ class PipelineError(ValueError):
 def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
     """Raise PipelineError naming every flow that breaks the declaration."""
     problems: list[str] = []
-    flows = list(flows)
     catch_all: set[int] = set()
     for f in flows:
-        table = pipeline.by_number(f.table)
-        if table is None:
-            problems.append(f"table {f.table} is not declared in the {pipeline.role} pipeline")
-            continue
-        extra = {name for name, _ in f.match} - table.matches
-        if extra:
-            problems.append(f"table {table.name} may not match {sorted(extra)}: {f}")
-        if f.goto is not None:
-            target = pipeline.by_number(f.goto)
-            if target is None or f.goto <= f.table:
-                problems.append(f"table {table.name}: goto {f.goto} is not a later declared table")
-        for action in f.actions:
-            if isinstance(action, Resubmit) and pipeline.by_number(action.table) is None:
-                problems.append(f"table {table.name}: resubmit to undeclared table {action.table}")
+        problems.extend(_flow_problems(pipeline, f))
         if not f.match and f.priority == 0:
             catch_all.add(f.table)
     for table in pipeline.tables:
@@ -165,6 +152,27 @@ def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
             problems.append(f"table {table.name} has no priority-0 catch-all (default deny)")
     if problems:
         raise PipelineError("; ".join(problems))
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _flow_problems(pipeline: Pipeline, f: Flow) -> tuple[str, ...]:
+    """What is wrong with one flow; cached, as desired states are recomputed often and
+    mostly consist of the same flows (a large policy's above all)."""
+    table = pipeline.by_number(f.table)
+    if table is None:
+        return (f"table {f.table} is not declared in the {pipeline.role} pipeline",)
+    problems = []
+    extra = {name for name, _ in f.match} - table.matches
+    if extra:
+        problems.append(f"table {table.name} may not match {sorted(extra)}: {f}")
+    if f.goto is not None:
+        target = pipeline.by_number(f.goto)
+        if target is None or f.goto <= f.table:
+            problems.append(f"table {table.name}: goto {f.goto} is not a later declared table")
+    for action in f.actions:
+        if isinstance(action, Resubmit) and pipeline.by_number(action.table) is None:
+            problems.append(f"table {table.name}: resubmit to undeclared table {action.table}")
+    return tuple(problems)
 
 
 def pipeline_markdown() -> str:

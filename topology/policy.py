@@ -8,7 +8,9 @@ through the flow-table simulator.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +238,7 @@ class Policy:
     log_default: bool
     tests: tuple[PolicyTest, ...] = ()
     source: str = field(default="<string>", compare=False)
+    source_digest: str = field(default="", compare=False)  # sha256 of the file's text
 
     def verdict(self, src: IPv4Address | str, dst: IPv4Address | str, proto: str,
                 port: int | None = None) -> Decision:
@@ -535,7 +538,8 @@ def parse_policy(text: str, path: str = "<string>") -> Policy:
     except ValidationError as exc:
         raise PolicyError(validation_problems(path, root, exc.errors(),
                                               {"from_": "from"})) from None
-    return _Builder(raw, root, path).build()
+    policy = _Builder(raw, root, path).build()
+    return dataclasses.replace(policy, source_digest=hashlib.sha256(text.encode()).hexdigest())
 
 
 def load_policy(path: str | Path) -> Policy:
