@@ -605,14 +605,20 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
     proc.wait(5)
 
 
+def _listening(h: MeshHost) -> bool:
+    port = str(h.controller_port)
+    out = nsl.run(h.host, ["ss", "-Hltn", f"sport = :{port}"]).stdout
+    return bool(out.strip())
+
+
 class Modes:
     """One MeshLab switched between socknet (controllers running, their flows) and the
     baseline (controllers stopped, every bridge reduced to one ``actions=NORMAL`` flow).
 
     To NORMAL: SIGTERM each controller, ``make_normal`` (controller row removed, flows
-    deleted, NORMAL added). To socknet: the NORMAL flows deleted, ``socknet bootstrap``
-    (puts the controller row back), the controllers started, both bridges of every host
-    reconciled. Either way the next measurement starts from the same warm state: both
+    deleted, NORMAL added). To socknet: the NORMAL flows deleted, the controllers started
+    and listening, ``socknet bootstrap`` (puts the controller row back), both bridges of
+    every host reconciled. Either way the next measurement starts from the same warm state: both
     containers' neighbour caches flushed and a ping each way (ARP crosses the mesh, so
     socknet's controllers learn the remote addresses and answer ARP for them locally),
     checked on socknet by its ARP responder flows."""
@@ -634,13 +640,18 @@ class Modes:
                 h.stop_controller()
                 make_normal(h.ovs)
         else:
+            # the controllers listen first, then the controller rows come back: OVS connects
+            # at once instead of backing off (1, 2, 4 s ...) while nothing listens
             marks = {}
             for h in self.lab.hosts:
                 for br in ("mesh", "vmbr0"):
                     h.ovs.ofctl("del-flows", h.ovs.mgmt(br))
-                h.socknet("bootstrap")
                 marks[h.index] = len(h.log_events())
                 h.start_controller(wait=False)
+            for h in self.lab.hosts:
+                wait_until(lambda h=h: _listening(h), 15.0, f"host {h.index}'s controller "
+                           "listening", interval_s=0.02)
+                h.socknet("bootstrap")
             for h in self.lab.hosts:
                 h.wait_reconciled(after=marks[h.index], timeout_s=30)
         self.mode = mode
@@ -786,8 +797,9 @@ def _iperf(lab: MeshLab, seconds: int, omit: int) -> dict[str, float]:
         "One 2-host `labs.mesh_lab.MeshLab`, switched between socknet and the baseline "
         "(two hosts: with three, NORMAL over a full mesh of VXLAN ports is a loop). "
         "Switching: to NORMAL, SIGTERM the controllers and replace each bridge's flows and "
-        "controller row by one NORMAL flow; back, delete that flow, `socknet bootstrap` "
-        "(controller row), start the controllers and wait until every bridge reconciled; "
+        "controller row by one NORMAL flow; back, delete that flow, start the controllers, "
+        "once they listen `socknet bootstrap` (controller row), and wait until every bridge "
+        "reconciled; "
         "after either, both containers' neighbour caches are flushed and one ping each way "
         "re-learns everything (for socknet: until each host has its ARP responder for the "
         "other container). One instance rather than two labs side by side, so both sides "
