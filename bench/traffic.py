@@ -100,6 +100,7 @@ def summarise(seqs: array, times: array) -> dict[str, Any]:
 def _cmd_send(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    print(READY, file=sys.stderr, flush=True)  # SIGTERM now ends it with its report
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     pad = b"\0" * max(0, args.size - HEADER.size)
     interval = 1.0 / args.rate
@@ -181,6 +182,11 @@ class UdpStream:
                                             "--size", str(self.size)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env)
+        assert self.send.stderr is not None
+        line = self.send.stderr.readline()  # a SIGTERM before its handler would lose the report
+        if READY not in line:
+            self.close()
+            raise RuntimeError(f"traffic sender did not start: {line}")
         return self
 
     def stop(self, drain_s: float = 0.3) -> dict[str, Any]:
