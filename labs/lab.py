@@ -169,7 +169,10 @@ class SocketLab:
         self.stop_controller()
         self.ovs.stop(remove_rundir=False)
         for ns in reversed(self.namespaces):
-            nsl.delete_netns(ns, kill_procs=True)
+            try:
+                nsl.delete_netns(ns, kill_procs=True)
+            except OSError:
+                continue  # keep removing the others
         self.containers.clear()
 
     # ------------------------------------------------------------ pieces
