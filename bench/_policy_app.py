@@ -63,6 +63,7 @@ def _desired(path: str) -> Any:
 def _command_loop(ctrl: Any) -> None:
     from controller import encode
     from controller.reload import load_checked
+    from topology.policy_compile import clear_caches
 
     socket_name = ctrl.cfg.bridges.socket.name
     for line in sys.stdin:
@@ -83,6 +84,7 @@ def _command_loop(ctrl: Any) -> None:
             elif name == "install":
                 dpid = int(cmd["dpid"])
                 encode.cache_clear()
+                clear_caches()  # cold parse and compile too (render compiled it already)
                 with ctrl._lock:  # a fresh bridge: nothing known about it
                     ctrl._dpids = {socket_name: dpid}
                     ctrl._ports = {socket_name: {}, ctrl.cfg.bridges.mesh.name: {}}

@@ -28,7 +28,11 @@ STALL_RATE_PPS = 5000
         "load reg0, goto 1; real socknet cookies). socknet: `bench.ofapp`, i.e. "
         "`apps.socknet_app` + `controller.runtime.Controller.reconcile` (read switch, "
         "`controller.reconcile.plan`, `controller.encode`, `SwitchSession.apply` = one "
-        "OpenFlow 1.4 bundle over TCP) with a cold encode cache; timed from the start of "
+        "OpenFlow 1.4 bundle over TCP, streamed in chunks of "
+        "`controller.encode.CHUNK_MESSAGES` messages as they are packed) with a cold encode "
+        "cache (`encode.cache_clear()`) and flows whose cookies were never computed (new "
+        "Flow objects: each cookie's content hash is worked out inside the timed "
+        "reconcile); timed from the start of "
         "reconcile to the commit reply. Baseline: wall time of the `ovs-ofctl` process "
         "(parse text + send + commit). Each round uses a new bridge and new flows; the "
         "flow count on the bridge is checked after every round. Forwarding stall: UDP at "
@@ -93,8 +97,9 @@ def install_rate(ctx: Context) -> list[Row]:
         rows.append(Row.of(f"{n:,} flows: install time", "s", cold, b))
         rows.append(Row.of(f"{n:,} flows: install rate, encode cache warm", "flows/s",
                            [n / t for t in warm], [n / t for t in b],
-                           note="the same flows again into a fresh bridge (socknet's "
-                                "per-Flow encode cache already holds them)"))
+                           note="equal flows again (new Flow objects, so cookies are "
+                                "computed again) into a fresh bridge (socknet's per-Flow "
+                                "encode cache already holds their bytes)"))
 
     rows += _stall(ctx, lab, app, seeds, dpids)
     return rows

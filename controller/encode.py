@@ -49,7 +49,7 @@ import inspect
 import re
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -422,60 +422,130 @@ def cache_info() -> Any:
 
 
 def cache_clear() -> None:
-    """Forget every cached encoding (tests; or to release memory after a large churn)."""
+    """Forget every cached encoding (tests; or to release memory after a large churn):
+    per flow, and the per-field and per-instruction pieces flows are packed from."""
     _encoded.cache_clear()
-    _wire_tail.cache_clear()
+    _TAILS.clear()
+    _INSTRUCTIONS.clear()
 
 
-@functools.lru_cache(maxsize=WIRE_CACHE_SIZE)
+# parser -> {Flow: match + instructions bytes}. A plain dict, emptied when full: an LRU
+# costs two more objects per flow for the cyclic collector to walk, which at 100k new
+# flows cost more than the packing itself.
+_TAILS: dict[ModuleType, dict[Flow, bytes]] = {}
+
+
 def _wire_tail(parser: ModuleType, flow: Flow) -> bytes:
     """Only the bytes of match + instructions: what big bundles need, kept for many flows
-    (the os-ken objects behind them would cost kilobytes per flow). Packed from per-field
-    OXM TLVs and per-action bytes, ~4x cheaper than building an OFPMatch; byte-identical
-    to os-ken's own serialization (tests/test_encode.py)."""
-    if any(isinstance(a, Learn) for a in flow.actions):
-        # os-ken pads learn specs relative to their place in the whole message: let it
-        # lay these few pipeline flows out itself
-        return _encoded.__wrapped__(parser, flow).tail
-    check_flow(flow)
+    (the os-ken objects behind them would cost kilobytes per flow)."""
+    tails = _TAILS.get(parser)
+    if tails is None:
+        tails = _TAILS[parser] = {}
+    tail = tails.get(flow)
+    if tail is None:
+        tail = _new_wire_tail(parser, flow, tails)
+    return tail
+
+
+def _new_wire_tail(parser: ModuleType, flow: Flow, tails: dict[Flow, bytes]) -> bytes:
+    """Packed from per-field OXM TLVs and cached instruction bytes, many times cheaper
+    than building an OFPMatch; byte-identical to os-ken's own serialization
+    (tests/test_encode.py). Kept in ``tails``."""
+    tail = _pack_wire_tail(parser, flow)
+    if len(tails) >= WIRE_CACHE_SIZE:
+        tails.clear()
+    tails[flow] = tail
+    return tail
+
+
+def _pack_wire_tail(parser: ModuleType, flow: Flow) -> bytes:
+    checked = flow.meter is not None
+    for action in flow.actions:
+        kind = type(action)
+        if kind is Learn:
+            # os-ken pads learn specs relative to their place in the whole message: let
+            # it lay these few pipeline flows out itself
+            return _encoded.__wrapped__(parser, flow).tail
+        if kind is Ct or kind is Conjunction:
+            checked = True
+    if checked:  # what check_flow looks at: ct, conjunction, meter
+        check_flow(flow)
+    return _match_bytes(parser.ofproto, flow.match) + _instruction_bytes(
+        parser, flow.actions, flow.goto, flow.meter)
+
+
+def _instruction_bytes(parser: ModuleType, actions: tuple[Action, ...], goto: int | None,
+                       meter: int | None) -> bytes:
+    """Meter, apply-actions and goto instructions (in the order OVS decodes them); few
+    distinct combinations in a large policy, so they are cached."""
+    key = (parser, actions, goto, meter)
+    found = _INSTRUCTIONS.get(key)
+    if found is not None:
+        return found
     ofproto = parser.ofproto
-    parts = [_match_bytes(ofproto, flow.match)]
-    if flow.meter is not None:
-        parts.append(struct.pack("!HHI", ofproto.OFPIT_METER, 8, flow.meter))
-    if flow.actions:
-        acts = b"".join(_action_bytes(parser, a) for a in flow.actions)
+    parts = []
+    if meter is not None:
+        parts.append(struct.pack("!HHI", ofproto.OFPIT_METER, 8, meter))
+    if actions:
+        acts = b"".join(_action_bytes(parser, a) for a in actions)
         parts.append(struct.pack("!HH4x", ofproto.OFPIT_APPLY_ACTIONS, 8 + len(acts)))
         parts.append(acts)
-    if flow.goto is not None:
-        parts.append(struct.pack("!HHB3x", ofproto.OFPIT_GOTO_TABLE, 8, flow.goto))
-    return b"".join(parts)
+    if goto is not None:
+        parts.append(struct.pack("!HHB3x", ofproto.OFPIT_GOTO_TABLE, 8, goto))
+    found = b"".join(parts)
+    if len(_INSTRUCTIONS) >= _SMALL_CACHE_SIZE:
+        _INSTRUCTIONS.clear()
+    _INSTRUCTIONS[key] = found
+    return found
+
+
+_SMALL_CACHE_SIZE = 1 << 16
+_INSTRUCTIONS: dict[tuple[Any, ...], bytes] = {}
 
 
 def _match_bytes(ofproto: ModuleType, match: tuple[tuple[str, Any], ...]) -> bytes:
     """An OXM ofp_match: TLVs sorted by OXM type (os-ken's order), header, padding."""
-    tlvs = sorted(_oxm_tlv(ofproto, k, v) for k, v in match)
-    body = b"".join(t for _, t in tlvs)
+    heads = _OXM_HEADS.get(ofproto)
+    if heads is None:
+        heads = _OXM_HEADS[ofproto] = ({}, {})
+    plain, masked = heads
+    tlvs = []
+    for name, value in match:
+        if type(value) is tuple:
+            head = masked.get(name)
+            if head is None:
+                head = masked[name] = _learn_oxm_head(ofproto, name, value)
+            if head:
+                order, header, width = head
+                tlvs.append((order, header + _pack(value[0], width) + _pack(value[1], width)))
+                continue
+        else:
+            head = plain.get(name)
+            if head is None:
+                head = plain[name] = _learn_oxm_head(ofproto, name, value)
+            if head:
+                order, header, width = head
+                if type(value) is int:
+                    tlvs.append((order, header + value.to_bytes(width, "big")))
+                else:
+                    tlvs.append((order, header + _pack(value, width)))
+                continue
+        tlvs.append(_oskn_tlv(ofproto, name, value))  # an experimenter field: os-ken packs it
+    if len(tlvs) > 1:
+        tlvs.sort()
+    body = b"".join([t for _, t in tlvs])
     length = 4 + len(body)
-    return struct.pack("!HH", ofproto.OFPMT_OXM, length) + body + bytes(-length % 8)
+    return _MATCH_HEAD.pack(ofproto.OFPMT_OXM, length) + body + _PADDING[-length % 8]
 
 
-# (ofproto, field, masked) -> (os-ken's sort key, 4-byte OXM header, value width); learnt
-# from os-ken on first use, so the layout is os-ken's and only the packing is ours.
-_OXM_HEADS: dict[tuple[ModuleType, str, bool], tuple[int, bytes, int] | None] = {}
+_MATCH_HEAD = struct.Struct("!HH")
+_PADDING = [bytes(n) for n in range(8)]
 
-
-def _oxm_tlv(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes]:
-    masked = isinstance(value, tuple)
-    key = (ofproto, name, masked)
-    head = _OXM_HEADS.get(key, False)
-    if head is False:
-        head = _OXM_HEADS[key] = _learn_oxm_head(ofproto, name, value)
-    if head is None:  # an experimenter-class field: let os-ken pack it
-        return _oskn_tlv(ofproto, name, value)
-    order, header, width = head
-    if masked:
-        return order, header + _pack(value[0], width) + _pack(value[1], width)
-    return order, header + _pack(value, width)
+# ofproto -> ({field: head}, {masked field: head}), a head being (os-ken's sort key,
+# 4-byte OXM header, value width), or () for an experimenter field: learnt from os-ken
+# on first use, so the layout is os-ken's and only the packing is ours.
+OxmHead = tuple[int, bytes, int] | tuple[()]
+_OXM_HEADS: dict[ModuleType, tuple[dict[str, OxmHead], dict[str, OxmHead]]] = {}
 
 
 def _oskn_tlv(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes]:
@@ -485,10 +555,10 @@ def _oskn_tlv(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes]:
     return (num[0] if isinstance(num, tuple) else num), bytes(buf)
 
 
-def _learn_oxm_head(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes, int] | None:
+def _learn_oxm_head(ofproto: ModuleType, name: str, value: Any) -> OxmHead:
     order, tlv = _oskn_tlv(ofproto, name, value)
     if tlv[:2] == b"\xff\xff":
-        return None
+        return ()
     width = tlv[3] // 2 if isinstance(value, tuple) else tlv[3]
     return order, tlv[:4], width
 
@@ -503,9 +573,32 @@ def _pack(value: int | str, width: int) -> bytes:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _action_bytes(parser: ModuleType, action: Any) -> bytes:
+    if type(action) is SetField:
+        fast = _set_field_bytes(parser.ofproto, action.field, action.value)
+        if fast is not None:
+            return fast
     buf = bytearray()
     encode_action(parser, parser.ofproto, action).serialize(buf, 0)
     return bytes(buf)
+
+
+def _set_field_bytes(ofproto: ModuleType, field: str, value: Any) -> bytes | None:
+    """OFPAT_SET_FIELD of a plain OXM field (each remote host's ARP responder sets its own
+    MAC and IPv4: new actions on the packet-in path), packed as os-ken lays it out: header,
+    OXM TLV, zero padding to 8 bytes. None: let os-ken do it (masked, experimenter)."""
+    if isinstance(value, tuple):
+        return None
+    plain = _OXM_HEADS.setdefault(ofproto, ({}, {}))[0]
+    head = plain.get(field)
+    if head is None:
+        head = plain[field] = _learn_oxm_head(ofproto, field, value)
+    if not head:
+        return None
+    _, header, width = head
+    tlv = header + _pack(value, width)
+    length = 4 + len(tlv)
+    return _MATCH_HEAD.pack(ofproto.OFPAT_SET_FIELD, length + (-length % 8)) + tlv + \
+        _PADDING[-length % 8]
 
 
 @functools.cache
@@ -785,36 +878,80 @@ _FLOW_MOD_FIXED = struct.Struct(ofproto_v1_4.OFP_FLOW_MOD_PACK_STR0)
 _EMPTY_MATCH = b"\x00\x01\x00\x04\x00\x00\x00\x00"  # OXM match with no fields, padded
 
 
-def _bundle_add_wrap(version: int, bundle_id: int, flags: int, xid: int, body: bytes) -> bytes:
-    inner_len = _HEADER.size + len(body)
-    return b"".join((
-        _BUNDLE_ADD_HEAD.pack(version, ofproto_v1_4.OFPT_BUNDLE_ADD_MESSAGE,
-                              _BUNDLE_ADD_HEAD.size + inner_len, xid, bundle_id, flags),
-        _HEADER.pack(version, ofproto_v1_4.OFPT_FLOW_MOD, inner_len, xid),
-        body,
-    ))
-
-
 def raw_bundle_adds(dp: DatapathLike, bundle_id: int, plan_items: Sequence[Flow | int],
                     first_xid: int) -> bytes:
     """OFPT_BUNDLE_ADD_MESSAGEs, byte for byte what os-ken would send for
     ``bundle_messages(dp, [flow_mod_add(f) | flow_mod_delete_cookie(c) ...], bundle_id)``
     minus the open and commit: a Flow is added, an int cookie deleted (all tables).
     Message k carries xid ``first_xid + k``."""
+    return b"".join(raw_bundle_chunks(dp, bundle_id, plan_items, first_xid))
+
+
+# bundle-add header + bundle id and flags, the inner flow-mod's header and its 40 fixed
+# bytes, packed in one go: everything of a bundled flow-mod before its match
+_BUNDLED_FLOW_MOD = struct.Struct(
+    "!BBHI" + ofproto_v1_4.OFP_BUNDLE_ADD_MSG_0_PACK_STR[1:] + "BBHI"
+    + ofproto_v1_4.OFP_FLOW_MOD_PACK_STR0[1:])
+CHUNK_MESSAGES = 4096
+
+
+def raw_bundle_chunks(dp: DatapathLike, bundle_id: int, plan_items: Sequence[Flow | int],
+                      first_xid: int, chunk: int | None = None) -> Iterator[bytes]:
+    """`raw_bundle_adds` in pieces of ``chunk`` (default CHUNK_MESSAGES) messages, so the
+    first can be on its way to the switch (which checks each bundled message as it
+    arrives, on its own core) while the rest are being packed. Each flow's cookie is
+    worked out here if nobody asked for it before (`reconcile.plan` on an empty switch
+    does not)."""
+    chunk = chunk or CHUNK_MESSAGES
     ofp = dp.ofproto
-    version, flags = ofp.OFP_VERSION, bundle_flags(ofp)
+    version, flags, max_xid = ofp.OFP_VERSION, bundle_flags(ofp), ofp.MAX_XID
     parser = dp.ofproto_parser
-    out = []
+    pack = _BUNDLED_FLOW_MOD.pack
+    fixed = _BUNDLED_FLOW_MOD.size
+    inner_fixed = fixed - _BUNDLE_ADD_HEAD.size
+    t_bundle_add, t_flow_mod = ofproto_v1_4.OFPT_BUNDLE_ADD_MESSAGE, ofproto_v1_4.OFPT_FLOW_MOD
+    add, delete = ofp.OFPFC_ADD, ofp.OFPFC_DELETE
+    no_buffer, any_port, any_group, all_tables = (ofp.OFP_NO_BUFFER, ofp.OFPP_ANY,
+                                                  ofp.OFPG_ANY, ofp.OFPTT_ALL)
+    tails = _TAILS.get(parser)
+    if tails is None:
+        tails = _TAILS[parser] = {}
+    cached = tails.get
+    out: list[bytes] = []
     for k, item in enumerate(plan_items):
+        xid = (first_xid + k) & max_xid
         if isinstance(item, Flow):
-            tail = _wire_tail(parser, item)
-            body = _FLOW_MOD_FIXED.pack(
-                item.cookie, 0, item.table, ofp.OFPFC_ADD, item.idle_timeout, item.hard_timeout,
-                item.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0, 0) + tail
+            tail = cached(item)
+            if tail is None:
+                tail = _new_wire_tail(parser, item, tails)
+            n = len(tail)
+            out.append(pack(version, t_bundle_add, fixed + n, xid, bundle_id, flags,
+                            version, t_flow_mod, inner_fixed + n, xid,
+                            item.cookie, 0, item.table, add, item.idle_timeout,
+                            item.hard_timeout, item.priority, no_buffer, any_port, any_group,
+                            0, 0))
+            out.append(tail)
         else:
-            body = _FLOW_MOD_FIXED.pack(
-                item, ALL_ONES64, ofp.OFPTT_ALL, ofp.OFPFC_DELETE, 0, 0, 0, ofp.OFP_NO_BUFFER,
-                ofp.OFPP_ANY, ofp.OFPG_ANY, 0, 0) + _EMPTY_MATCH
-        out.append(_bundle_add_wrap(version, bundle_id, flags, (first_xid + k) & ofp.MAX_XID,
-                                    body))
-    return b"".join(out)
+            n = len(_EMPTY_MATCH)
+            out.append(pack(version, t_bundle_add, fixed + n, xid, bundle_id, flags,
+                            version, t_flow_mod, inner_fixed + n, xid,
+                            item, ALL_ONES64, all_tables, delete, 0, 0, 0, no_buffer,
+                            any_port, any_group, 0, 0))
+            out.append(_EMPTY_MATCH)
+        if len(out) >= 2 * chunk:
+            yield b"".join(out)
+            out = []
+    if out:
+        yield b"".join(out)
+
+
+def raw_flow_mod_add(dp: DatapathLike, flow: Flow, xid: int) -> bytes:
+    """One OFPT_FLOW_MOD ADD, byte for byte what os-ken sends for
+    ``flow_mod_add(dp, flow)`` with that xid (the learning fast path sends it alone)."""
+    ofp = dp.ofproto
+    body = _FLOW_MOD_FIXED.pack(
+        flow.cookie, 0, flow.table, ofp.OFPFC_ADD, flow.idle_timeout, flow.hard_timeout,
+        flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0, 0,
+    ) + _wire_tail(dp.ofproto_parser, flow)
+    return _HEADER.pack(ofp.OFP_VERSION, ofp.OFPT_FLOW_MOD, _HEADER.size + len(body),
+                        xid & ofp.MAX_XID) + body

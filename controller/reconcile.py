@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from topology.model import Flow, Owner, cookie_owner
-from topology.render import sort_key
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,22 @@ def plan(desired: Iterable[Flow], installed_cookies: Iterable[int]) -> Plan:
 
     Adds come first in the bundle, deletes by exact cookie after: a flow whose
     content changed but whose match did not is replaced in place by its ADD,
-    and the delete of its old cookie then finds nothing.
+    and the delete of its old cookie then finds nothing. The order of the adds
+    means nothing to the switch (the bundle is applied at once): they are in
+    cookie order, except on a switch with none of our flows (a fresh or wiped
+    one), where every desired flow is added in the order given, without working
+    out a single cookie here (the sender does, as it packs each flow).
     """
-    desired_by_cookie = {f.cookie: f for f in desired}
     counts = Counter(c for c in installed_cookies if reconcilable(c))
-    add = [f for c, f in desired_by_cookie.items() if counts.get(c, 0) != 1]
+    if not counts:
+        flows = desired if isinstance(desired, (set, frozenset)) else dict.fromkeys(desired)
+        return Plan(add=tuple(flows), delete_cookies=())
+    desired_by_cookie = {f.cookie: f for f in desired}
+    add_cookies = sorted(c for c in desired_by_cookie if counts.get(c, 0) != 1)
     delete = [c for c in counts if c not in desired_by_cookie]
     purge = [c for c, n in counts.items() if c in desired_by_cookie and n > 1]
     return Plan(
-        add=tuple(sorted(add, key=sort_key)),
+        add=tuple([desired_by_cookie[c] for c in add_cookies]),
         delete_cookies=tuple(sorted(delete)),
         purge_cookies=tuple(sorted(purge)),
     )

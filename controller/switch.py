@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from controller import encode
+from controller.logs import get_logger
 from controller.reconcile import Plan
 
+log = get_logger("socknet.switch")
 REPLY_TIMEOUT_S = 10.0
 _bundle_ids = itertools.count(1)
 
@@ -48,8 +51,10 @@ class SwitchSession:
         self.dp = datapath
         self.bridge = bridge
         self.installed: set[int] | None = None  # cookies we know are on the switch
+        self.closed = False
         self.flow_mods_sent = 0
         self.bundles_sent = 0
+        self.last_bundle: dict[str, float] = {}  # timings of the last bundle (ms)
         self._pending: dict[int, _Pending] = {}
         self._pending_lock = threading.Lock()
         self._seq_lock = threading.Lock()
@@ -83,6 +88,24 @@ class SwitchSession:
         with self._pending_lock:
             self._pending[msg.xid] = pending
 
+    def close(self) -> None:
+        """The connection is gone: every request still waiting fails now, not after its
+        timeout, and later ones fail at once."""
+        self.closed = True
+        with self._pending_lock:
+            waiting = list(self._pending.values())
+        for pending in waiting:
+            pending.errors.append(_Disconnected())
+            pending.done.set()
+
+    def _send_msg(self, msg: Any) -> None:
+        if self.closed or self.dp.send_msg(msg) is False:
+            raise SwitchError(f"{self.bridge}: connection closed")
+
+    def _send_raw(self, data: bytes) -> None:
+        if self.closed or self.dp.send(data) is False:
+            raise SwitchError(f"{self.bridge}: connection closed")
+
     def _unregister(self, *msgs: Any) -> None:
         with self._pending_lock:
             for m in msgs:
@@ -92,7 +115,7 @@ class SwitchSession:
         pending = _Pending(multi=multi)
         self._register(msg, pending)
         try:
-            self.dp.send_msg(msg)
+            self._send_msg(msg)
             if not pending.done.wait(REPLY_TIMEOUT_S):
                 raise SwitchError(f"{self.bridge}: no reply to {type(msg).__name__}")
             if pending.errors:
@@ -128,18 +151,21 @@ class SwitchSession:
 
     def send_raw_bundle(self, items: list[Any]) -> None:
         """One atomic bundle of flow ADDs (Flow) and deletes by cookie (int), packed by
-        encode.raw_bundle_adds into a single write: open, the adds, commit."""
+        encode.raw_bundle_chunks: open, the adds, commit. The adds go out in chunks as
+        they are packed, so the switch checks the first ones (on its own core) while
+        the rest are being packed; nothing takes effect before the commit. A chunk that
+        cannot be packed discards the bundle."""
         dp, ofp, parser = self.dp, self.dp.ofproto, self.dp.ofproto_parser
         bundle_id = next(_bundle_ids)
         flags = encode.bundle_flags(ofp)
         open_msg = parser.OFPBundleCtrlMsg(dp, bundle_id, ofp.OFPBCT_OPEN_REQUEST, flags, [])
         commit = parser.OFPBundleCtrlMsg(dp, bundle_id, ofp.OFPBCT_COMMIT_REQUEST, flags, [])
         pending = _Pending(multi=False)
+        t0 = time.perf_counter()
         with self._seq_lock:
             self._register(open_msg, pending)
             first = (dp.xid + 1) & ofp.MAX_XID
             dp.xid = (dp.xid + len(items)) & ofp.MAX_XID  # xids of the packed adds
-            raw = encode.raw_bundle_adds(dp, bundle_id, items, first)
             self._register(commit, pending)
             pending.final_xid = commit.xid
             xids = [(first + k) & ofp.MAX_XID for k in range(len(items))]
@@ -147,14 +173,26 @@ class SwitchSession:
                 for xid in xids:
                     self._pending[xid] = pending
             try:
-                dp.send_msg(open_msg)
-                dp.send(raw)
-                dp.send_msg(commit)
+                self._send_msg(open_msg)
+                try:
+                    for chunk in encode.raw_bundle_chunks(dp, bundle_id, items, first):
+                        self._send_raw(chunk)
+                except Exception:
+                    dp.send_msg(parser.OFPBundleCtrlMsg(
+                        dp, bundle_id, ofp.OFPBCT_DISCARD_REQUEST, flags, []))
+                    raise
+                self._send_msg(commit)
+                t_sent = time.perf_counter()
                 if not pending.done.wait(max(REPLY_TIMEOUT_S, len(items) / 20000)):
                     raise SwitchError(f"{self.bridge}: bundle commit not answered")
                 if pending.errors:
                     err = _error_text(pending.errors[0])
                     raise SwitchError(f"{self.bridge}: bundle refused: {err}")
+                t_done = time.perf_counter()
+                self.last_bundle = {"messages": len(items),
+                                    "pack_send_ms": round((t_sent - t0) * 1000, 2),
+                                    "commit_wait_ms": round((t_done - t_sent) * 1000, 2)}
+                log.debug("bundle_committed", bridge=self.bridge, **self.last_bundle)
             finally:
                 self._unregister(open_msg, commit)
                 with self._pending_lock:
@@ -171,7 +209,7 @@ class SwitchSession:
             pending.final_xid = msgs[-1].xid
             try:
                 for m in msgs:
-                    self.dp.send_msg(m)
+                    self._send_msg(m)
                 if not pending.done.wait(REPLY_TIMEOUT_S):
                     raise SwitchError(f"{self.bridge}: bundle commit not answered")
                 if pending.errors:
@@ -191,8 +229,8 @@ class SwitchSession:
             self._register(barrier, pending)
             pending.final_xid = barrier.xid
             try:
-                self.dp.send_msg(msg)
-                self.dp.send_msg(barrier)
+                self._send_msg(msg)
+                self._send_msg(barrier)
                 if not pending.done.wait(REPLY_TIMEOUT_S):
                     raise SwitchError(f"{self.bridge}: no barrier reply")
             finally:
@@ -204,9 +242,15 @@ class SwitchSession:
         parser = self.dp.ofproto_parser
         with self._seq_lock:
             for m in msgs:
-                self.dp.send_msg(m)
+                self._send_msg(m)
             self._request(parser.OFPBarrierRequest(self.dp))
         self.flow_mods_sent += len(msgs)
+
+
+class _Disconnected:
+    """Stands in for an OpenFlow error when the connection went away mid-request."""
+
+    type = code = "disconnected"
 
 
 def _error_text(err: Any) -> str:

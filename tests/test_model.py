@@ -1,5 +1,9 @@
 """Port roles, pipeline declaration, flow computation and reconciliation (no switch)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from controller.reconcile import plan
@@ -9,6 +13,7 @@ from topology.model import (
     LEARNED_COOKIE,
     Output,
     Owner,
+    SetReg,
     cookie_owner,
     ct_state,
     flow,
@@ -190,8 +195,43 @@ def test_plan_removed_port_deletes_its_flows():
                if f.cookie in gone)
 
 
+def test_plan_on_a_switch_without_our_flows_adds_everything_lazily():
+    want = desired_state(CFG, PORTS)["vmbr0"]
+    fresh = frozenset(flow(f.table, f.priority, actions=f.actions, goto=f.goto, owner=f.owner,
+                           **f.match_dict) for f in want)
+    for installed in ([], [LEARNED_COOKIE, LEARNED_COOKIE]):
+        p = plan(fresh, installed)
+        assert set(p.add) == set(want) and len(p.add) == len(want)
+        assert not p.delete_cookies and not p.purge_cookies
+    # no cookie worked out yet: the sender does that as it packs each flow
+    assert all("cookie" not in vars(f) for f in fresh)
+    # the same adds as the diff against a switch holding one foreign flow (then deleted)
+    diff = plan(want, [0x1234])
+    assert set(diff.add) == set(want) and diff.delete_cookies == (0x1234,)
+    assert [f.cookie for f in diff.add] == sorted(f.cookie for f in want)
+    twice = [*want, *want]
+    assert len(plan(twice, []).add) == len(want)
+
+
 def test_plan_duplicate_cookie_is_purged_then_added():
     want = desired_state(CFG, PORTS)["mesh"]
     one = next(iter(want))
     p = plan(want, [f.cookie for f in want] + [one.cookie])
     assert p.purge_cookies == (one.cookie,) and p.add == (one,)
+
+
+def test_equal_flows_hash_alike_and_cookies_do_not_depend_on_the_process():
+    a = flow(22, 100, eth_type=0x0800, ipv4_src="10.0.0.1", actions=[SetReg("reg2", 7)],
+             goto=23, owner=Owner.POLICY, note="one")
+    b = flow(22, 100, ipv4_src="10.0.0.1", eth_type=0x0800, actions=[SetReg("reg2", 7)],
+             goto=23, owner=Owner.POLICY, note="another")
+    assert a == b and hash(a) == hash(b) and a.cookie == b.cookie and len({a, b}) == 1
+    code = ("from topology.model import flow, Owner, SetReg; print(flow(22, 100, "
+            "eth_type=0x0800, ipv4_src='10.0.0.1', actions=[SetReg('reg2', 7)], goto=23, "
+            "owner=Owner.POLICY).cookie)")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={"PYTHONHASHSEED": seed, "PATH": ""},
+                             cwd=str(Path(__file__).parent.parent))
+        assert int(out.stdout) == a.cookie
+

@@ -39,6 +39,8 @@ from topology.simulate import (
     Result,
     Switch,
     arp_request,
+    clear_compiled,
+    compile_flow,
     deliveries,
     ethernet,
     ipv4,
@@ -121,6 +123,26 @@ def test_equal_priority_overlap_is_deterministic_and_reported():
 def test_flows_ovs_would_refuse(bad: Flow):
     with pytest.raises(FlowError):
         Switch([bad])
+
+
+def test_refusals_name_the_flow_and_are_not_remembered():
+    bad = flow(0, 1, eth_type=0x800, tcp_dst=80, note="bad")
+    for _ in range(2):
+        with pytest.raises(FlowError, match=r"^table 0: priority=1,.*tcp_dst=80.*ip_proto"):
+            compile_flow(bad)
+
+
+def test_checked_flows_are_kept_per_flow_object():
+    clear_compiled()
+    a = flow(0, 5, in_port=1, actions=[Output(2)], note="first")
+    b = flow(0, 5, in_port=1, actions=[Output(2)], note="second")  # equal, other note
+    ra = compile_flow(a)
+    assert compile_flow(a) is ra and ra.cookie == a.cookie
+    assert compile_flow(a, cookie=7).cookie == 7  # another cookie: checked, not kept
+    assert compile_flow(a) is ra
+    rb = compile_flow(b)
+    assert rb is not ra and rb.flow is b  # traces show each flow's own note
+    assert compile_flow(b) is rb and compile_flow(a).flow is a
 
 
 def test_same_priority_and_match_twice_is_refused():

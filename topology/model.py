@@ -12,10 +12,11 @@ Match field names follow os-ken's OXM names (``in_port``, ``eth_dst``,
 
 from __future__ import annotations
 
-import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any, Generic, TypeVar
 
 COOKIE_MAGIC = 0x5C  # top byte of every socknet cookie: "this flow is ours"
 COOKIE_MAGIC_SHIFT = 56
@@ -40,6 +41,7 @@ def owner_cookie_prefix(owner: Owner) -> int:
     return (COOKIE_MAGIC << COOKIE_MAGIC_SHIFT) | (int(owner) << COOKIE_OWNER_SHIFT)
 
 
+_OWNER_PREFIX = {o: owner_cookie_prefix(o) for o in Owner}
 LEARNED_COOKIE = owner_cookie_prefix(Owner.LEARNED)
 OWNED_COOKIE_MASK = COOKIE_MAGIC_MASK | COOKIE_OWNER_MASK
 
@@ -215,6 +217,30 @@ Action = (
 
 # ---------------------------------------------------------------- flows
 
+_T = TypeVar("_T")
+
+
+class computed_once(Generic[_T]):  # noqa: N801 (used like functools.cached_property)
+    """`functools.cached_property` without its lock: before Python 3.12 that takes a
+    class-wide RLock on every first access, which cost more than a cookie's hash itself
+    when 100k flows are new. The value lands in the instance's ``__dict__`` under the
+    same name, so later reads never get here. Flows are immutable: two threads racing
+    compute the same value."""
+
+    def __init__(self, fn: Callable[[Any], _T]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> _T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
 
 @dataclass(frozen=True)
 class Flow:
@@ -231,10 +257,20 @@ class Flow:
     meter: int | None = None  # OpenFlow meter instruction (rate limit), e.g. for logging
     note: str = field(default="", compare=False)  # human hint for `socknet flows`, not sent
 
-    @functools.cached_property
+    @computed_once
     def cookie(self) -> int:
         """Owner and content hash; computed once per Flow (reconciles ask often)."""
-        return owner_cookie_prefix(self.owner) | content_hash(self)
+        return _OWNER_PREFIX[self.owner] | content_hash(self)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @computed_once
+    def _hash(self) -> int:
+        """The dataclass hash (the compared fields), computed once: flows live in sets and
+        cache keys by the ten thousand, and a large policy's flows outlive many reloads."""
+        return hash((self.table, self.priority, self.match, self.actions, self.goto,
+                     self.owner, self.idle_timeout, self.hard_timeout, self.meter))
 
     @property
     def match_dict(self) -> dict[str, MatchValue]:

@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -162,6 +163,14 @@ class AddressSet:
 
     def __contains__(self, addr: IPv4Address) -> bool:
         return any(addr in n for n in self.nets)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        # hashed often (compile cache keys, rules) and big: hash the nets once
+        return hash((self.names, self.nets))
 
     @functools.cached_property
     def _intervals(self) -> tuple[tuple[int, int], ...]:
@@ -329,6 +338,48 @@ def _span(rule: Rule) -> tuple[int, int, int, int, frozenset[str] | None]:
 _ANY_PROTO = frozenset(("tcp", "udp", "icmp", "*"))
 
 
+class _SideCache:
+    """A rule side already built, by what it was built from: its items, with the nets of
+    the named sets among them. A reload of a file with mostly the same rules gets back
+    the very AddressSet objects of the running policy, so comparing and hashing them
+    (compile cache, shadowing check) is cheap. Keeps the sides of the last two parses."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: dict[Hashable, AddressSet] = {}
+        self._previous: dict[Hashable, AddressSet] = {}
+
+    def get(self, key: Hashable) -> AddressSet | None:
+        with self._lock:
+            found = self._current.get(key)
+            if found is None:
+                found = self._previous.get(key)
+                if found is not None:
+                    self._current[key] = found
+            return found
+
+    def put(self, key: Hashable, value: AddressSet) -> AddressSet:
+        with self._lock:
+            self._current[key] = value
+            return value
+
+    def next_parse(self) -> None:
+        with self._lock:
+            self._previous, self._current = self._current, {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._previous, self._current = {}, {}
+
+
+_SIDES = _SideCache()
+
+
+def clear_caches() -> None:
+    """Forget the rule sides of earlier parses (benchmarks time cold parses)."""
+    _SIDES.clear()
+
+
 class _Builder:
     def __init__(self, raw: RawPolicy, root: yaml.Node | None, path: str) -> None:
         self.raw, self.root, self.path = raw, root, path
@@ -347,6 +398,7 @@ class _Builder:
         return tuple(ipaddress.collapse_addresses(out))
 
     def build(self) -> Policy:
+        _SIDES.next_parse()
         tiers: dict[str, AddressSet] = {}
         internal = set()
         names_seen: dict[str, str] = {}
@@ -423,6 +475,10 @@ class _Builder:
         if not items:
             self.err(loc, "empty address list")
             return None
+        key = tuple((item, sets[item].nets) if item in sets else (item, None) for item in items)
+        cached = _SIDES.get(key)
+        if cached is not None:
+            return cached
         names, nets, ok = [], [], True
         for i, item in enumerate(items):
             item_loc = loc if isinstance(value, str) else (*loc, i)
@@ -443,7 +499,7 @@ class _Builder:
             nets.append(net)
         if not ok:
             return None
-        return AddressSet(tuple(names), _collapsed(tuple(nets)))
+        return _SIDES.put(key, AddressSet(tuple(names), _collapsed(tuple(nets))))
 
     def _services(self, loc: Sequence[Any], r: RawRule) -> tuple[Service, ...] | None:
         out: list[Service] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Iterable
 from ipaddress import IPv4Network
 
@@ -37,7 +38,8 @@ from topology.pipeline import (
     SOCKET_PIPELINE,
     ZONE_POLICY,
 )
-from topology.policy import PROTO_NUMBERS, AddressSet, Policy, PortRange, Rule
+from topology.policy import PROTO_NUMBERS, AddressSet, Policy, PortRange, Rule, Service
+from topology.policy import clear_caches as clear_policy_caches
 
 ETH_IPV4 = 0x0800
 # ct_mark bits of zone ZONE_POLICY: bit 1 = committed by the policy, bit 0 = a deny cut it.
@@ -98,6 +100,61 @@ def _side(addresses: AddressSet) -> str:
 
 def rule_priority(position: int) -> int:
     return RULE_PRIORITY_TOP - RULE_PRIORITY_STEP * position
+
+
+RuleKey = tuple[int, int, str, str, AddressSet, AddressSet, tuple[Service, ...]]
+
+
+def _rule_key(rule: Rule, position: int) -> RuleKey:
+    """Everything `_rule_flows` reads from a rule (not its line or `log`)."""
+    return (position, rule.rule_id, rule.name, rule.action, rule.src, rule.dst, rule.services)
+
+
+class _RuleFlowCache:
+    """Flows of each rule of the last compiled policy, by `_rule_key`.
+
+    A reload usually changes a rule or two: the other rules' flows are the very Flow
+    objects installed now (cookies and hashes already computed), so recompiling,
+    checking and diffing them costs next to nothing. Only the last policy's: those
+    flows are the running desired state's own objects, so keeping them costs no
+    memory (an older policy's flows could double a large policy's footprint).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[RuleKey, tuple[Flow, ...]] = {}
+
+    def flows(self, rules: Iterable[tuple[int, Rule]]) -> list[tuple[Flow, ...]]:
+        current: dict[RuleKey, tuple[Flow, ...]] = {}
+        with self._lock:
+            last = self._last
+        out = []
+        for position, rule in rules:
+            key = _rule_key(rule, position)
+            found = current.get(key) or last.get(key)
+            if found is None:
+                found = tuple(_rule_flows(rule, position))
+            current[key] = found
+            out.append(found)
+        with self._lock:
+            self._last = current
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._last = {}
+
+
+_RULE_FLOWS = _RuleFlowCache()
+
+
+def clear_caches() -> None:
+    """Forget every compiled policy and rule, and the parser's rule sides: the next
+    parse and compile start cold (what benchmarks of a first compile must time)."""
+    global _last
+    _last = None
+    _RULE_FLOWS.clear()
+    clear_policy_caches()
 
 
 def _rule_flows(rule: Rule, position: int) -> list[Flow]:
@@ -175,8 +232,8 @@ def _compile(policy: Policy | None) -> frozenset[Flow]:
     default_target = allow if policy.default == "allow" else deny
     out.add(flow(rules_t, 0, actions=[SetReg(REG_RULE, 0)], goto=default_target,
                  owner=Owner.POLICY, note=f"policy_rules: default {policy.default}"))
-    for position, rule in enumerate(policy.rules):
-        out.update(_rule_flows(rule, position))
+    for rule_flows in _RULE_FLOWS.flows(enumerate(policy.rules)):
+        out.update(rule_flows)
 
     allowing = [r.rule_id for r in policy.rules if r.action == "allow"]
     if policy.default == "allow":

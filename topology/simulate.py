@@ -721,9 +721,40 @@ class _Rule:
         return all(fields.get(name, 0) & mask == value for name, value, mask in self.match)
 
 
+# Stands for "table T: <the flow in ovs-ofctl syntax>" in FlowError messages while a flow
+# is checked: writing that text for every flow cost a fifth of checking a large policy.
+_WHAT = "\x00flow\x00"
+_COMPILED_MAX = 1 << 18
+_compiled: dict[Flow, _Rule] = {}
+
+
 def compile_flow(flow: Flow, cookie: int | None = None) -> _Rule:
-    """Check one flow as OVS would on flow-mod and prepare it for lookups."""
-    what = f"table {flow.table}: {flow_str(flow)}"
+    """Check one flow as OVS would on flow-mod and prepare it for lookups. Flows are
+    immutable: the result for a flow with its own cookie is kept (a policy reload that
+    builds a simulator again mostly finds the same flows)."""
+    if cookie is None:
+        rule = _compiled.get(flow)
+        if rule is not None and rule.flow is flow:
+            return rule
+    try:
+        rule = _compile_flow(flow, flow.cookie if cookie is None else cookie)
+    except FlowError as exc:
+        what = f"table {flow.table}: {flow_str(flow)}"
+        raise FlowError(str(exc).replace(_WHAT, what)) from None
+    if cookie is None:
+        if len(_compiled) >= _COMPILED_MAX:
+            _compiled.clear()
+        _compiled[flow] = rule
+    return rule
+
+
+def clear_compiled() -> None:
+    """Forget the checked flows kept by `compile_flow` (benchmarks time cold checks)."""
+    _compiled.clear()
+
+
+def _compile_flow(flow: Flow, cookie: int) -> _Rule:
+    what = _WHAT
     _check_table(flow.table, what)
     if not 0 <= flow.priority <= 0xFFFF:
         raise FlowError(f"{what}: priority is not 0..65535")
@@ -737,7 +768,7 @@ def compile_flow(flow: Flow, cookie: int | None = None) -> _Rule:
     if not conjunctions:
         for action in flow.actions:
             _check_action(action, as_dict, what)
-    return _Rule(flow, flow.cookie if cookie is None else cookie, norm, conjunctions)
+    return _Rule(flow, cookie, norm, conjunctions)
 
 
 def _check_conjunction_sizes(rules: Iterable[_Rule]) -> None:
