@@ -195,8 +195,12 @@ class OvsInstance:
         return self.ofport(port)
 
     def ofport(self, port: str) -> int:
-        """OpenFlow port number of interface ``port`` (-1 if OVS could not open it)."""
-        return int(self.vsctl("get", "interface", port, "ofport").strip())
+        """OpenFlow port number of interface ``port`` (-1 if OVS could not open it).
+        OvsError while the row exists but vswitchd has not numbered it yet (``[]``)."""
+        value = self.vsctl("get", "interface", port, "ofport").strip()
+        if value == "[]":
+            raise OvsError(f"interface {port}: no ofport yet")
+        return int(value)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -38,6 +38,7 @@ from topology.pipeline import (
     LEARN_IDLE_TIMEOUT,
     MESH_LEARN_IDLE_TIMEOUT,
     MESH_PIPELINE,
+    METER_EARLY,
     METER_LEARN,
     REG_CLASS,
     REG_OUT,
@@ -129,6 +130,26 @@ def _arp_responder(mac: str, ip: str) -> list[Action]:
     ]
 
 
+def service_arp_flow(addr: str, mac: str, owner: Owner = Owner.DISCOVERED) -> Flow:
+    """Service containers' ARP for a known service address (local, or a remote host
+    learned across the mesh) is answered on this host: no broadcast on the mesh."""
+    return flow(SOCKET_PIPELINE["dispatch"], 100, eth_type=ETH_ARP, arp_op=1, arp_tpa=addr,
+                actions=_arp_responder(mac, addr), owner=owner,
+                note=f"dispatch: answer ARP for {addr} (known service address)",
+                **{REG_CLASS: CLASS_SERVICE})
+
+
+def local_service_ips(cfg: HostConfig, ports: Mapping[str, int],
+                      learned: Bindings | None = None) -> frozenset[str]:
+    """Addresses a remote host learned across the mesh can never claim here: local
+    service containers' (declared or learned) and declared privacy containers'."""
+    service = _of_role(bound_ports(cfg, cfg.bridges.socket.name, ports), Role.SERVICE)
+    privacy_ips = {str(c.ip.ip) for v, c in cfg.containers.items()
+                   if c.ip and v in cfg.bridges.socket.privacy_ids}
+    local, _ = _known_service_addresses(cfg, service, learned or {}, {})
+    return frozenset(local) | privacy_ips
+
+
 # The mesh host's MAC by its IPv4 address, learned when it opens a connection to
 # a privacy container: replies leave addressed to the container's gateway (the
 # mesh host is off-subnet) and get this MAC instead, so no ARP ever leaves
@@ -199,6 +220,62 @@ def _known_service_addresses(
     return {ip: mac for ip, mac in known.items() if ip not in privacy_ips}, configured
 
 
+def _classify_default() -> Flow:
+    """Unknown in_port: dropped. A copy goes to the controller (meter METER_EARLY): a new
+    container's first packet can arrive before its port's flows are installed (add-port
+    -> packets within ms, the port's flows tens of ms later); the controller keeps such
+    packets a few seconds, by in_port, and learns the sender's addresses once the port
+    shows up in OVSDB as an undeclared container's. Nothing is forwarded; with the
+    controller dead the copy goes nowhere."""
+    return flow(SOCKET_PIPELINE["classify"], 0, actions=[ToController(meter=METER_EARLY)],
+                note="classify: unknown port, drop (a rate-limited copy to the controller)")
+
+
+def service_port_l2_flow(port: BoundPort, binding: Binding, declared: bool) -> Flow:
+    """service_l2: a local service container's MAC -> its port (see _local_service_flows).
+    Installed in the same bundle as the spoof_guard flows of ``binding``: once it is on the
+    switch, the container may send with these addresses (the controller's announcement
+    for it waits for that)."""
+    return flow(SOCKET_PIPELINE["service_l2"], 20, eth_dst=binding.mac,
+                actions=[Output(port.ofport)],
+                owner=Owner.PORTS if declared else Owner.DISCOVERED,
+                note=f"service_l2: {binding.mac} is {port.name} (container {port.role.vmid}), "
+                     "local")
+
+
+def _local_service_flows(cfg: HostConfig, service: list[BoundPort],
+                         learned: Bindings) -> set[Flow]:
+    """Per local service container with known addresses (declared, or learned once):
+
+    - service_l2: eth_dst=<its MAC> -> its port, above the learned flows. Its port's
+      arrival is then a flow-table change sent in a bundle, which makes OVS revalidate
+      cached datapath flows; a learn() re-pointing the MAC does not always (not when it
+      runs inside a packet-out, as the controller's announcement does): a megaflow that
+      said drop while the container was on another host (its MAC learned behind
+      from-mesh) would otherwise live on. It also outranks a stale or forged frame from
+      the mesh carrying a local container's MAC.
+    - dispatch: its own gratuitous ARP (a request from its port for its own IPv4) goes on
+      to service_l2 and floods, across the mesh too, instead of being answered by the
+      ARP responder for its address: remote hosts re-learn a move from it."""
+    out: set[Flow] = set()
+    for port in service:
+        b = binding_of(cfg, port, learned)
+        if b is None:
+            continue
+        declared = bool(cfg.container(port.role.vmid or 0).mac)
+        owner = Owner.PORTS if declared else Owner.DISCOVERED
+        who = f"{port.name} (container {port.role.vmid})"
+        out.add(service_port_l2_flow(port, b, declared))
+        if b.ip is not None:
+            out.add(flow(SOCKET_PIPELINE["dispatch"], 110, in_port=port.ofport,
+                         eth_type=ETH_ARP, arp_op=1, arp_tpa=b.ip,
+                         goto=SOCKET_PIPELINE["service_l2"], owner=owner,
+                         note=f"dispatch: {who} announces itself (gratuitous ARP): "
+                              "flood, mesh included",
+                         **{REG_CLASS: CLASS_SERVICE}))
+    return out
+
+
 def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | None = None,
                  learned: Bindings | None = None,
                  remote: Mapping[str, str] | None = None) -> frozenset[Flow]:
@@ -217,7 +294,7 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
 
     # classify: which class of port did this come from? unknown ports: dropped
     c = p["classify"]
-    add(flow(c, 0, note="classify: unknown port, drop"))
+    add(_classify_default())
     learn_service = learn_mac_to_port(p["service_l2"], 10, LEARN_IDLE_TIMEOUT)
     learn_privacy = learn_mac_to_port(p["privacy_hosts"], 10, LEARN_IDLE_TIMEOUT, REG_OUT)
     for port in from_mesh:
@@ -241,6 +318,7 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
                  note=f"classify: {port.name} is the service gateway"))
 
     f |= _spoof_guard(cfg, [*privacy, *service], learned or {})
+    f |= _local_service_flows(cfg, service, learned or {})
     f |= compile_policy(policy)
 
     d = p["dispatch"]
@@ -265,11 +343,7 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
     # hosts learned across the mesh) is answered on this host: no broadcast on the mesh
     known, configured = _known_service_addresses(cfg, service, learned or {}, remote or {})
     for addr, mac in sorted(known.items()):
-        owner = Owner.PORTS if addr in configured else Owner.DISCOVERED
-        add(flow(d, 100, eth_type=ETH_ARP, arp_op=1, arp_tpa=addr,
-                 actions=_arp_responder(mac, addr), owner=owner,
-                 note=f"dispatch: answer ARP for {addr} (known service address)",
-                 **{REG_CLASS: CLASS_SERVICE}))
+        add(service_arp_flow(addr, mac, Owner.PORTS if addr in configured else Owner.DISCOVERED))
     # ARP for declared privacy containers is answered here, for the mesh and for WARP
     # (their ARP replies must never leave towards the mesh).
     for port in privacy:

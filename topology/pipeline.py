@@ -32,10 +32,14 @@ ZONE_PRIVACY = 1
 # Conntrack zone of the tier policy (service containers, mesh, gateway).
 ZONE_POLICY = 2
 
-# OpenFlow meters (packets/s to the controller): denied-packet logs, address learning.
+# OpenFlow meters (packets/s to the controller): denied-packet logs, address learning,
+# and packets from ports the pipeline does not know yet (a new container's first packets
+# arrive before its port's flows; a meter of their own, so an unknown port that floods
+# can never use up the learning meter's budget).
 METER_LOG = 1
 METER_LEARN = 2
-METER_RATES = {METER_LOG: 100, METER_LEARN: 200}
+METER_EARLY = 3
+METER_RATES = {METER_LOG: 100, METER_LEARN: 200, METER_EARLY: 50}
 
 LEARN_IDLE_TIMEOUT = 300
 MESH_LEARN_IDLE_TIMEOUT = 60  # a remote MAC not heard from for this long is flooded again
@@ -60,6 +64,11 @@ class Pipeline:
             if table.name == name:
                 return table
         raise KeyError(name)
+
+    def __hash__(self) -> int:
+        # part of `_flow_problems`' cache key, hashed once per flow checked: the role
+        # alone (equal pipelines have equal roles), not every table declaration
+        return hash(self.role)
 
     def by_number(self, number: int) -> Table | None:
         for table in self.tables:
@@ -96,7 +105,8 @@ SOCKET_PIPELINE = Pipeline(
     role="socket",
     tables=(
         _t(0, "classify", "tag the ingress port's class in reg0, learn container MACs; "
-           "unknown ports dropped", ["in_port"]),
+           "unknown ports dropped (a copy to the controller, rate-limited: a new port's first "
+           "packets can arrive before its flows)", ["in_port"]),
         _t(10, "spoof_guard", "containers may only send with their own MAC and IPv4 "
            "(declared, or learned once through the controller); anything else dropped",
            ("in_port", REG_CLASS, "eth_src", "eth_type", "ipv4_src", "arp_spa", "arp_sha")),
@@ -111,8 +121,9 @@ SOCKET_PIPELINE = Pipeline(
            (REG_RULE, "ct_state", "ct_mark", "eth_type")),
         _t(24, "policy_deny", "drop; cut established connections (ct_mark blocked); log "
            "rate-limited to the controller", (REG_RULE, "ct_state", "ct_mark", "eth_type")),
-        _t(30, "dispatch", "send each port class to its forwarding stage",
-           (REG_CLASS, "eth_type", "arp_op", "arp_tpa")),
+        _t(30, "dispatch", "send each port class to its forwarding stage; a local service "
+           "container's own gratuitous ARP goes on to the mesh instead of being answered here",
+           (REG_CLASS, "in_port", "eth_type", "arp_op", "arp_tpa")),
         _t(35, "privacy_egress", "privacy containers: ARP/non-IP to WARP only, IPv4 to conntrack",
            (REG_CLASS, "eth_type")),
         _t(36, "privacy_ct", "privacy containers: replies to mesh-opened connections back to "
@@ -127,7 +138,8 @@ SOCKET_PIPELINE = Pipeline(
         _t(42, "privacy_deliver", "deliver to the privacy container in reg1 (mesh: commit "
            "to conntrack); misses from the mesh go to service switching",
            (REG_CLASS, REG_OUT, "eth_dst", "eth_type")),
-        _t(50, "service_l2", "service containers + from-mesh: learned MAC switching, "
+        _t(50, "service_l2", "service containers + from-mesh: each local service "
+           "container's MAC (declared or learned) to its port, above learned MAC switching; "
            "flood to service ports and from-mesh only", ("eth_dst",)),
     ),
 )
@@ -150,6 +162,13 @@ def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
     for table in pipeline.tables:
         if table.number not in catch_all:
             problems.append(f"table {table.name} has no priority-0 catch-all (default deny)")
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+def check_flow(pipeline: Pipeline, f: Flow) -> None:
+    """One flow added to a desired state that was checked whole before."""
+    problems = _flow_problems(pipeline, f)
     if problems:
         raise PipelineError("; ".join(problems))
 
@@ -200,8 +219,9 @@ def pipeline_markdown() -> str:
         f"Zone {ZONE_POLICY}: the tier policy; ct_label holds the allowing rule's id, "
         "ct_mark bit 1 marks a connection the policy committed, bit 0 one a deny has cut.",
         "",
-        f"Meters: {METER_LOG} = denied-packet logs, {METER_LEARN} = address learning "
-        "(packets/s to the controller, excess dropped in the switch).",
+        f"Meters: {METER_LOG} = denied-packet logs, {METER_LEARN} = address learning, "
+        f"{METER_EARLY} = packets from ports without flows yet (packets/s to the controller, "
+        "excess dropped in the switch).",
         "",
     ]
     return "\n".join(lines)
