@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
 import structlog
 
@@ -34,3 +36,30 @@ def setup_logging(level: str = "info", json: bool = True) -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class LogBudget:
+    """At most ``burst`` lines per kind at once, refilled at ``per_second``: a flood of
+    events (thousands of new hosts a second) must not swamp the journal, or cost the
+    packet-in path a write per event. ``take()`` says whether to log this one and how many
+    were left out since the last line logged (report it in that line)."""
+
+    def __init__(self, per_second: float = 20.0, burst: int = 50) -> None:
+        self.per_second = per_second
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[bool, int]:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+            self._last = now
+            if self._tokens < 1.0:
+                self._skipped += 1
+                return False, 0
+            self._tokens -= 1.0
+            skipped, self._skipped = self._skipped, 0
+            return True, skipped

@@ -55,6 +55,9 @@ class ControllerCollector(Collector):
             ("socknet_packet_ins_total", "Packet-ins received", s.packet_ins),
             ("socknet_denied_logged_total", "Denied packets logged (rate-limited by meter)",
              s.denied_logged),
+            ("socknet_remote_hosts_learned_total",
+             "Remote hosts learned or moved (mesh ARP); every one counted, logs rate-limited",
+             s.remote_learned),
         ]
         for name, doc, value in simple:
             yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)

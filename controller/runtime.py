@@ -8,6 +8,8 @@ worker thread so a slow switch never blocks os-ken's event loop.
 from __future__ import annotations
 
 import queue
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -15,13 +17,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import encode
-from controller.logs import get_logger
+from controller.early import EarlyPackets
+from controller.logs import LogBudget, get_logger
 from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
 from topology.config import HostConfig
-from topology.flows import Binding, BoundPort, DesiredState, binding_of, desired_state
-from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK, Owner, cookie_owner
-from topology.pipeline import MESH_PIPELINE, METER_RATES, REG_OUT, SOCKET_PIPELINE
+from topology.flows import (
+    Binding,
+    BoundPort,
+    DesiredState,
+    binding_of,
+    desired_state,
+    local_service_ips,
+    service_arp_flow,
+    service_port_l2_flow,
+)
+from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK, Flow, Owner, cookie_owner
+from topology.pipeline import (
+    MESH_PIPELINE,
+    METER_RATES,
+    REG_OUT,
+    SOCKET_PIPELINE,
+    check_flow,
+)
 from topology.policy import Policy
 from topology.roles import Role, classify_port
 
@@ -41,7 +59,8 @@ def discovered_from_flows(installed: list[Any]) -> tuple[dict[int, Binding], dic
         if f.table == SOCKET_PIPELINE["spoof_guard"] and "ipv4_src" in match:
             bindings[int(match["in_port"])] = Binding(str(match["eth_src"]),
                                                       str(match["ipv4_src"]))
-        elif f.table == SOCKET_PIPELINE["dispatch"] and "arp_tpa" in match:
+        elif (f.table == SOCKET_PIPELINE["dispatch"] and "arp_tpa" in match
+              and "in_port" not in match):  # not a container's own-GARP pass-through
             mac = encode.set_field_value(f.flow_stats, "eth_src")
             if mac is not None:
                 remote[str(match["arp_tpa"])] = str(mac)
@@ -53,39 +72,51 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
 
     pkt = packet.Packet()
     pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=0x0806))
-    # an unsolicited ARP *reply* (arping -A): a request for the container's own address
-    # would be answered by this host's ARP responder for it and never reach the mesh
+    # an unsolicited ARP *reply* (arping -A): no host answers it, every host takes note
     pkt.add_protocol(arp.arp(opcode=arp.ARP_REPLY, src_mac=mac, src_ip=ip,
                              dst_mac="ff:ff:ff:ff:ff:ff", dst_ip=ip))
     pkt.serialize()
     return bytes(pkt.data)
 
 
-def parse_packet(data: bytes) -> dict[str, Any]:
-    """The few header fields the learning path and the deny log need."""
-    from os_ken.lib.packet import arp, ethernet, ipv4, packet, tcp, udp
+_ETH = struct.Struct("!6s6sH")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 
+
+def _mac(raw: bytes) -> str:
+    return raw.hex(":")
+
+
+def parse_packet(data: bytes) -> dict[str, Any]:
+    """The few header fields the learning path and the deny log need (Ethernet, one
+    optional 802.1Q tag, ARP, IPv4, TCP/UDP ports). A truncated or odd frame gives
+    what could be read."""
     out: dict[str, Any] = {}
-    try:
-        pkt = packet.Packet(data)
-    except Exception:  # a truncated or odd frame: nothing to learn from it
+    if len(data) < _ETH.size:
         return out
-    eth = pkt.get_protocol(ethernet.ethernet)
-    if eth is None:
-        return out
-    out["eth_src"] = eth.src
-    a = pkt.get_protocol(arp.arp)
-    if a is not None and a.src_mac == eth.src and a.src_ip != "0.0.0.0":
-        out["sender_ip"] = a.src_ip
-    ip = pkt.get_protocol(ipv4.ipv4)
-    if ip is not None:
-        out.update(ipv4_src=ip.src, ipv4_dst=ip.dst,
-                   proto={1: "icmp", 6: "tcp", 17: "udp"}.get(ip.proto, str(ip.proto)))
-        if ip.src != "0.0.0.0":
-            out["sender_ip"] = ip.src
-        l4 = pkt.get_protocol(tcp.tcp) or pkt.get_protocol(udp.udp)
-        if l4 is not None:
-            out["dst_port"] = l4.dst_port
+    _, src, ethertype = _ETH.unpack_from(data)
+    off = _ETH.size
+    if ethertype == 0x8100 and len(data) >= off + 4:
+        (ethertype,) = struct.unpack_from("!H", data, off + 2)
+        off += 4
+    out["eth_src"] = _mac(src)
+    if ethertype == 0x0806 and len(data) >= off + _ARP.size:
+        htype, ptype, hlen, plen, _, sha, spa, _, _ = _ARP.unpack_from(data, off)
+        if (htype, ptype, hlen, plen) == (1, 0x0800, 6, 4) and sha == src and any(spa):
+            out["sender_ip"] = socket.inet_ntoa(spa)
+    elif ethertype == 0x0800 and len(data) >= off + 20:
+        ihl = (data[off] & 0x0F) * 4
+        proto = data[off + 9]
+        ip_src, ip_dst = socket.inet_ntoa(data[off + 12:off + 16]), socket.inet_ntoa(
+            data[off + 16:off + 20])
+        out.update(ipv4_src=ip_src, ipv4_dst=ip_dst, proto=_PROTO_NAMES.get(proto, str(proto)))
+        if ip_src != "0.0.0.0":
+            out["sender_ip"] = ip_src
+        frag_offset = struct.unpack_from("!H", data, off + 6)[0] & 0x1FFF
+        l4 = off + ihl
+        if proto in (6, 17) and not frag_offset and ihl >= 20 and len(data) >= l4 + 4:
+            out["dst_port"] = struct.unpack_from("!H", data, l4 + 2)[0]
     return out
 
 
@@ -105,6 +136,7 @@ class Stats:
     reloads_refused: int = 0
     last_reload_ms: float = 0.0
     denied_logged: int = 0
+    remote_learned: int = 0  # remote hosts learned or moved (from mesh ARP)
     last_reconcile: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,8 +159,16 @@ class Controller:
         self._sessions: dict[int, SwitchSession] = {}  # by datapath id
         self._ports: dict[str, dict[str, int]] | None = None
         self._dpids: dict[str, int] = {}
-        self._desired: DesiredState | None = None
+        # desired state = the base (config, ports, policy, bindings) plus one ARP responder
+        # per remote host, kept apart so a new remote host is an O(1) change (hot path)
+        self._base: DesiredState | None = None
+        self._remote_flows: dict[str, Flow] = {}
+        self._local_ips: frozenset[str] = frozenset()
+        self._generation = 0  # bumped by every change of the desired state
+        self._desired_cache: tuple[int, DesiredState | None] = (-1, None)
         self._announced: set[tuple[str, int]] = set()
+        self._learn_log = LogBudget()  # remote_host_learned lines: a flood is summarised
+        self._early = EarlyPackets()  # first packets of ports not in OVSDB yet, by in_port
         self._lock = threading.Lock()
         self._work: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
@@ -158,6 +198,7 @@ class Controller:
         with self._lock:
             session = self._sessions.pop(datapath.id, None)
         if session is not None:
+            session.close()
             log.info("switch_disconnected", bridge=session.bridge)
 
     def session(self, dpid: int) -> SwitchSession | None:
@@ -181,6 +222,7 @@ class Controller:
             old_ports = self._ports or {}
             self._ports = {b: dict(p) for b, p in ports.items()}
             self._dpids = dict(dpids)
+            early = self._take_early(old_ports)
             present = set(self._ports.get(self.cfg.bridges.socket.name, {}))
             for name in set(self.bindings) - present:
                 log.info("binding_forgotten", port=name, **vars(self.bindings.pop(name)))
@@ -192,6 +234,7 @@ class Controller:
                 for b, old in old_ports.items()
             }
         self.stats.port_events += 1
+        self._learn_early(early)
         for bridge, ofports in removed.items():
             if ofports:
                 log.info("ports_removed", bridge=bridge, ofports=sorted(ofports))
@@ -232,10 +275,36 @@ class Controller:
 
     # ------------------------------------------------------------ internals
     def _recompute(self) -> None:
-        """Caller holds the lock."""
+        """Caller holds the lock. Equal to ``desired_state(..., remote)``, built as its base
+        plus the remote hosts' flows (tests/test_remote_learning.py checks that)."""
         assert self._ports is not None
-        remote = {ip: mac for ip, (mac, _) in self.remote.items()}
-        self._desired = desired_state(self.cfg, self._ports, self.policy, self.bindings, remote)
+        base = desired_state(self.cfg, self._ports, self.policy, self.bindings, {})
+        self._local_ips = local_service_ips(
+            self.cfg, self._ports.get(self.cfg.bridges.socket.name, {}), self.bindings)
+        remote_flows = {ip: service_arp_flow(ip, mac) for ip, (mac, _) in self.remote.items()
+                        if ip not in self._local_ips}
+        for f in remote_flows.values():
+            check_flow(SOCKET_PIPELINE, f)
+        self._base, self._remote_flows = base, remote_flows
+        self._generation += 1
+
+    @property
+    def _desired(self) -> DesiredState | None:
+        """The whole desired state (base + remote hosts' flows), rebuilt once per change."""
+        gen, cached = self._desired_cache
+        if gen != self._generation:
+            base, sock = self._base, self.cfg.bridges.socket.name
+            cached = base
+            if base is not None and self._remote_flows and sock in base:
+                cached = {**base, sock: base[sock] | frozenset(self._remote_flows.values())}
+            self._desired_cache = (self._generation, cached)
+        return cached
+
+    @_desired.setter
+    def _desired(self, state: DesiredState | None) -> None:
+        """Set the whole desired state as given (benchmarks drive the shell with it)."""
+        self._base, self._remote_flows = state, {}
+        self._generation += 1
 
     def _kick_all(self) -> None:
         for dpid in list(self._sessions):
@@ -302,12 +371,19 @@ class Controller:
                     with self._lock:
                         desired = self._desired or desired
             session.installed = {f.cookie for f in installed}
-        want = desired[bridge]
-        todo = plan(want, session.installed)
+        with self._lock:  # the learning fast path changes both together, under this lock
+            desired = self._desired or desired
+            want = desired[bridge]
+            generation = self._generation
+            todo = plan(want, session.installed)
         sent = session.apply(todo)
-        session.installed = {f.cookie for f in want} | {
-            c for c in session.installed if (c & OWNED_COOKIE_MASK) == LEARNED_COOKIE
-        }
+        with self._lock:
+            session.installed = {f.cookie for f in want} | {
+                c for c in session.installed if (c & OWNED_COOKIE_MASK) == LEARNED_COOKIE
+            }
+            moved_on = self._generation != generation
+        if moved_on:  # changed while this bundle was on its way: one more pass
+            self._work.put(dpid)
         self.stats.reconciles += 1
         self.stats.flow_mods += sent
         self.stats.bundles += 1 if sent else 0
@@ -350,6 +426,14 @@ class Controller:
                 # us its addresses (a container that moved here undeclared)
                 self._announced.discard((name, ofport))
                 continue
+            declared = bool(self.cfg.container(port.role.vmid or 0).mac)
+            if service_port_l2_flow(port, binding, declared).cookie not in (
+                    session.installed or set()):
+                # learned while this bundle was on its way (its first packet came before
+                # its port's flows): the switch would drop the announcement as a spoof.
+                # The next pass, which installs them, announces it.
+                self._announced.discard((name, ofport))
+                continue
             try:
                 session.send([encode.packet_out_through_pipeline(
                     session.dp, ofport, gratuitous_arp(binding.mac, binding.ip))])
@@ -369,12 +453,55 @@ class Controller:
         except (KeyError, TypeError):
             return
         pkt = parse_packet(msg.data)
-        if msg.table_id == SOCKET_PIPELINE["spoof_guard"]:
+        if msg.table_id == SOCKET_PIPELINE["classify"]:
+            self._early_packet(bridge, in_port, pkt)
+        elif msg.table_id == SOCKET_PIPELINE["spoof_guard"]:
             self._learn_from(bridge, in_port, pkt)
         elif msg.table_id == SOCKET_PIPELINE["dispatch"]:
             self._learn_remote(pkt)
         elif msg.table_id == SOCKET_PIPELINE["policy_deny"]:
             self._log_denied(msg, in_port, pkt)
+
+    def _early_packet(self, bridge: str, in_port: int, pkt: dict[str, Any]) -> None:
+        """A packet from a port without flows (classify's default drop sent a copy): kept
+        by in_port if the port is not in OVSDB yet, learned at once if it is a container
+        port whose flows are still on their way."""
+        mac, ip = pkt.get("eth_src"), pkt.get("sender_ip")
+        if not mac or not ip:
+            return
+        with self._lock:  # atomic with ovsdb_changed's update of the ports + _take_early
+            names = [n for n, o in (self._ports or {}).get(bridge, {}).items() if o == in_port]
+            if not names:
+                self._early.add(in_port, Binding(mac, ip))
+                log.debug("early_packet_kept", in_port=in_port, mac=mac, ip=ip)
+                return
+        if self._learnable(names[0]):
+            self.learn_binding(names[0], Binding(mac, ip))
+
+    def _learnable(self, name: str) -> bool:
+        """A container port on vmbr0 whose addresses are not declared and not learned yet."""
+        role = classify_port(self.cfg, self.cfg.bridges.socket.name, name)
+        return (role.role in (Role.SERVICE, Role.PRIVACY) and name not in self.bindings
+                and not self.cfg.container(role.vmid or 0).mac)
+
+    def _take_early(self, old_ports: dict[str, dict[str, int]]) -> list[tuple[str, Binding]]:
+        """Caller holds the lock. Container ports new in OVSDB whose first packets came
+        before them (kept by `_early_packet`): port name and the first sender seen."""
+        bridge = self.cfg.bridges.socket.name
+        before = old_ports.get(bridge, {})
+        found = []
+        for name, ofport in (self._ports or {}).get(bridge, {}).items():
+            if ofport is None or before.get(name) == ofport:
+                continue
+            senders = self._early.take(ofport)
+            if senders and self._learnable(name):
+                found.append((name, senders[0]))
+        return found
+
+    def _learn_early(self, found: list[tuple[str, Binding]]) -> None:
+        for name, binding in found:
+            log.info("early_packet_learned", port=name, mac=binding.mac, ip=binding.ip)
+            self.learn_binding(name, binding)
 
     def _learn_from(self, bridge: str, in_port: int, pkt: dict[str, Any]) -> None:
         with self._lock:
@@ -395,10 +522,45 @@ class Controller:
             self.remote[ip] = (mac, now)
             if old is not None and old[0] == mac:
                 return
-            if self._ports is not None:
+            fast = self._remote_flow_update(ip, mac)
+            if fast is None and self._ports is not None:
                 self._recompute()
-        log.info("remote_host_learned", ip=ip, mac=mac, moved_from=old[0] if old else None)
-        self._kick_all()
+        if fast is None:
+            self._kick_all()
+        else:
+            session, add = fast
+            # One flow-mod is atomic by itself. xid 0: nothing waits for its reply; an
+            # error comes back as an OpenFlow error (logged) and the audit repairs.
+            if session.dp.send(encode.raw_flow_mod_add(session.dp, add, 0)) is False:
+                session.installed = None  # not sent (connection gone): re-read on reconnect
+            else:
+                session.flow_mods_sent += 1
+                self.stats.flow_mods += 1
+        self.stats.remote_learned += 1
+        logged, skipped = self._learn_log.take()
+        if logged:
+            log.info("remote_host_learned", ip=ip, mac=mac, moved_from=old[0] if old else None,
+                     **({"not_logged_before": skipped} if skipped else {}))
+
+    def _remote_flow_update(self, ip: str, mac: str) -> tuple[SwitchSession, Flow] | None:
+        """One new or moved remote host changes exactly one flow (its ARP responder): put
+        it into the desired state and the installed set, and hand it back to be sent as one
+        flow-mod, instead of recomputing and diffing every flow per ARP (a remote host
+        learned is the hot path of packet-ins). None: take the full path. Holds the lock."""
+        bridge = self.cfg.bridges.socket.name
+        session = self.session_for(bridge)
+        if (self._base is None or bridge not in self._base or session is None
+                or session.installed is None or self.policy_pending or ip in self._local_ips):
+            return None
+        new = service_arp_flow(ip, mac)
+        check_flow(SOCKET_PIPELINE, new)
+        stale = self._remote_flows.get(ip)
+        if stale is not None:
+            session.installed.discard(stale.cookie)  # the ADD replaces it in place (same match)
+        self._remote_flows[ip] = new
+        self._generation += 1
+        session.installed.add(new.cookie)
+        return session, new
 
     def forget_remote(self, reason: str, older_than: float | None = None) -> None:
         """Drop remote hosts (all, or those not heard from since ``older_than``)."""
