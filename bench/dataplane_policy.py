@@ -48,7 +48,7 @@ def dataplane_policy(ctx: Context) -> list[Row]:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         ctx.defer(_stop, server)
     time.sleep(0.3)
-    seconds, rounds = ctx.pick(3, 1), ctx.n(3, 1)
+    seconds, rounds = ctx.pick(3, 1), ctx.n(5, 1)
     rows = []
     for label, tso in (("TCP, TSO off", False), ("TCP, TSO on", True)):
         ctx.log(f"{label}: {rounds} rounds x {seconds} s")
