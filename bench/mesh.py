@@ -168,23 +168,6 @@ def _stop_container(h: MeshHost, vmid: int) -> None:
     del h.containers[vmid]
 
 
-def _boot_container(h: MeshHost, vmid: int) -> Container:
-    """Everything of ``MeshHost.add_container`` but the OVS port: namespace, veth (MTU
-    1370), MAC, address, route. Registered with the host at once (``lab.down`` removes it)."""
-    ns = f"{h.prefix}c{vmid}"
-    nsl.create_netns(ns)
-    nsl.disable_ipv6(ns)
-    port = h.port_name(vmid)
-    c = Container(vmid, ns, port, h.container_ip(vmid), container_mac(vmid))
-    h.containers[vmid] = c
-    nsl.add_veth(port, "eth0", h.host, ns, mtu=h.mtu)
-    nsl.tx_off(h.host, port)
-    nsl.tx_off(ns, "eth0")
-    nsl.set_mac(ns, "eth0", c.mac)
-    nsl.add_addr(ns, "eth0", f"{c.ip}/24")
-    h.container_routes(ns, vmid)
-    return c
-
 
 def _wait_forgotten(ctx: Context, h: MeshHost, mac: str) -> float:
     """Wait until host ``h``'s datapath holds no megaflow towards ``mac`` (OVS drops
@@ -211,7 +194,7 @@ def _move(lab: MeshLab, src: int, dst: int, *, garp_after_s: float = GARP_AFTER_
         _stop_container(a, MOVER)
         t_stop = time.time()
         time.sleep(MOVE_GAP_S)
-        c = _boot_container(b, MOVER)
+        c = b.boot_container(MOVER)
         garp = GarpSender(c)
         t0 = time.time()
         b.ovs.vsctl("add-port", "vmbr0", c.port)

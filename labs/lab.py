@@ -207,20 +207,27 @@ class SocketLab:
 
     def add_container(self, vmid: int) -> Container:
         """What Proxmox does when a container starts: veth pair, port on vmbr0."""
+        c = self.boot_container(vmid)
+        self.ovs.add_port("vmbr0", c.port)
+        return c
+
+    def boot_container(self, vmid: int) -> Container:
+        """A container's namespace, veth, MAC, address and routes, not yet a port of vmbr0
+        (Proxmox adds the port next). Registered at once, so ``down`` removes it whatever
+        happens after."""
         ns = f"{self.prefix}c{vmid}"
         if not nsl.netns_exists(ns):
             nsl.create_netns(ns)
             nsl.disable_ipv6(ns)
         port = self.port_name(vmid)
+        c = Container(vmid, ns, port, self.container_ip(vmid), container_mac(vmid))
+        self.containers[vmid] = c
         nsl.add_veth(port, "eth0", self.host, ns, mtu=self.mtu)
         nsl.tx_off(self.host, port)
         nsl.tx_off(ns, "eth0")
-        c = Container(vmid, ns, port, self.container_ip(vmid), container_mac(vmid))
         nsl.set_mac(ns, "eth0", c.mac)
         nsl.add_addr(ns, "eth0", f"{c.ip}/24")
         self.container_routes(ns, vmid)
-        self.ovs.add_port("vmbr0", port)
-        self.containers[vmid] = c
         return c
 
     def remove_container(self, vmid: int) -> None:

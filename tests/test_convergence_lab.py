@@ -22,14 +22,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from scapy.layers.l2 import ARP, Ether
 
 from labs import netns as nsl
-from labs.lab import Container, SocketLab, container_mac
+from labs.lab import SocketLab
 from labs.pkt import Sniffer
+from labs.waiting import eventually
 from topology.pipeline import SOCKET_PIPELINE
 
 pytestmark = pytest.mark.ovs
@@ -48,15 +49,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SocketLab]:
     finally:
         lab.down()
 
-
-def eventually(pred: Callable[[], bool], timeout_s: float = WAIT_S, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if pred():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step_s)
 
 
 def arp_frame(mac: str, ip: str, op: int) -> bytes:
@@ -175,29 +167,13 @@ def test_a_container_back_on_its_host_is_reachable_whatever_was_learned_meanwhil
 # ------------------------------------------------------------------ 2. early packet
 
 
-def _boot(lab: SocketLab, vmid: int) -> Container:
-    """A container's namespace and veth, not yet a port of vmbr0 (Proxmox adds it next);
-    registered with the lab at once, so ``lab.down`` removes it whatever happens."""
-    ns = f"{lab.prefix}c{vmid}"
-    nsl.create_netns(ns)
-    nsl.disable_ipv6(ns)
-    port = lab.port_name(vmid)
-    c = Container(vmid, ns, port, lab.container_ip(vmid), container_mac(vmid))
-    lab.containers[vmid] = c
-    nsl.add_veth(port, "eth0", lab.host, ns, mtu=lab.mtu)
-    nsl.tx_off(lab.host, port)
-    nsl.tx_off(ns, "eth0")
-    nsl.set_mac(ns, "eth0", c.mac)
-    nsl.add_addr(ns, "eth0", f"{c.ip}/24")
-    return c
-
 
 def test_a_container_whose_only_packet_came_before_its_flows_is_learned(lab: SocketLab):
     """The controller is held (SIGSTOP) while the port is added and the container sends
     its one gratuitous ARP: the packet surely meets vmbr0's default drop before the
     port's flows exist. Nothing else is sent from the container."""
     assert lab.controller is not None
-    c = _boot(lab, NEWCOMER)
+    c = lab.boot_container(NEWCOMER)
     sniff = Sniffer(c.ns, "eth0", 3.0, f"ether src {c.mac}").start()
     mark = len(lab.log_events())
     pid = lab.controller.pid

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from labs.lab import container_mac
 from labs.mesh_lab import NETMAKER_IF, MeshHost, MeshLab, mesh_ip
 from labs.ovs_instance import OvsError
 from labs.pkt import Sniffer
+from labs.waiting import eventually
 from topology.model import LEARNED_COOKIE
 
 pytestmark = pytest.mark.ovs
@@ -62,15 +63,6 @@ def ping(ns: str, dst: str, count: int = 2) -> bool:
     argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "1", dst]
     return nsl.run(ns, argv).returncode == 0
 
-
-def eventually(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if pred():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step_s)
 
 
 def record(key: str, value: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +30,7 @@ from labs import conn
 from labs import netns as nsl
 from labs.lab import INTERNET_IP
 from labs.mesh_lab import MeshHost, MeshLab
+from labs.waiting import eventually
 
 pytestmark = pytest.mark.ovs
 
@@ -79,15 +80,6 @@ def tcp(lab: MeshLab, src: int, dst: int, port: int) -> bool:
     c = lab.containers
     return conn.connect(c[src].ns, "tcp", c[src].ip, c[dst].ip, port)
 
-
-def eventually(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if pred():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step_s)
 
 
 def events(h: MeshHost, name: str, after: int = 0) -> list[dict[str, object]]:

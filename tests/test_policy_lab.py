@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -16,6 +16,7 @@ from labs import conn
 from labs import netns as nsl
 from labs.pkt import Sniffer, send_frame
 from labs.policy_lab import SERVICE_INTERNET_IP, TAILNET_USER_IP, PolicyLab
+from labs.waiting import eventually
 
 pytestmark = pytest.mark.ovs
 
@@ -84,14 +85,6 @@ def tcp(lab: PolicyLab, src: int, dst: int, port: int) -> bool:
 def ping(from_ns: str, dst: str) -> bool:
     return nsl.run(from_ns, ["ping", "-c", "2", "-i", "0.2", "-W", "1", dst]).returncode == 0
 
-
-def eventually(pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def events(lab: PolicyLab, name: str, after: int = 0) -> list[dict[str, object]]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +15,7 @@ import pytest
 from controller import reload as reload_mod
 from controller.reload import PolicyReloader, gc_paused
 from controller.runtime import Controller, Stats
+from labs.waiting import eventually
 from topology.policy import Policy
 
 GOOD = """\
@@ -47,14 +46,6 @@ class FakeController:
         self.applied.append(policy)
         self.changed.set()
 
-
-def eventually(pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 @pytest.fixture
