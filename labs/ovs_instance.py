@@ -23,6 +23,7 @@ from types import TracebackType
 from labs.netns import ns_argv, pid_alive
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+OVS_SAVE = Path("/usr/share/openvswitch/scripts/ovs-save")  # what ovs-ctl restart runs
 OF_VERSION = "OpenFlow14"
 CMD_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 25
@@ -229,6 +230,36 @@ class OvsInstance:
         """Stop ovs-vswitchd and start it again (the database keeps running)."""
         self._stop_daemon("ovs-vswitchd")
         self._start_vswitchd(timeout_s)
+
+    def restart_vswitchd_restoring_flows(self, timeout_s: float = 10.0) -> dict[str, float]:
+        """Restart ovs-vswitchd the way ``ovs-ctl restart`` does (package upgrades): the
+        distribution's ovs-save writes a script that restores every bridge's flows; the
+        new ovs-vswitchd starts with other_config:flow-restore-wait=true (it processes no
+        packets and connects to no controller), the script restores the flows, then
+        flow-restore-wait is removed. Returns the monotonic time of each step."""
+        bridges = self.vsctl("list-br").split()
+        env = {**self.env, "TMPDIR": str(self.rundir)}  # ovs-save's dumps live there
+        saved = subprocess.run([str(OVS_SAVE), "save-flows", *bridges], env=env,
+                               capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+        if saved.returncode != 0:
+            raise OvsError(f"[{self.name}] ovs-save failed: {saved.stderr.strip()}")
+        script = self.rundir / "restore-flows.sh"
+        script.write_text(saved.stdout)
+        steps = {"stop": time.monotonic()}
+        self._stop_daemon("ovs-vswitchd")
+        self.vsctl("--no-wait", "set", "Open_vSwitch", ".", "other_config:flow-restore-wait=true")
+        self._start_vswitchd(timeout_s)
+        steps["started"] = time.monotonic()
+        restored = subprocess.run(["sh", "-e", str(script)], env=env, capture_output=True,
+                                  text=True, timeout=CMD_TIMEOUT_S)
+        steps["restored"] = time.monotonic()
+        self.vsctl("--if-exists", "remove", "Open_vSwitch", ".", "other_config",
+                   "flow-restore-wait=true")
+        steps["cleared"] = time.monotonic()
+        if restored.returncode != 0:
+            raise OvsError(f"[{self.name}] restoring saved flows failed: "
+                           f"{restored.stderr.strip()[-2000:]}")
+        return steps
 
     def stop(self, *, remove_rundir: bool = True) -> None:
         """Kill both daemons (SIGTERM, then SIGKILL) and remove the run dir.

@@ -245,9 +245,12 @@ def test_rule_counters_in_status_and_metrics(lab: PolicyLab):
     assert int(line.split()[2]) >= 3
 
 
-def test_ovs_restart_never_opens_a_hole(lab: PolicyLab):
-    """ovs-vswitchd restarts (flows gone, fail_mode=secure): denied traffic never passes
-    at any moment, and allowed traffic resumes once the controller has reinstalled."""
+@pytest.mark.parametrize("restore_flows", [False, True], ids=["plain", "ovs-ctl"])
+def test_ovs_restart_never_opens_a_hole(lab: PolicyLab, restore_flows: bool):
+    """ovs-vswitchd restarts: plain (flows gone, fail_mode=secure), or as ``ovs-ctl
+    restart`` does (ovs-save's script restores the flows under flow-restore-wait; OVS
+    flushes them when the controller comes back). Denied traffic never passes at any
+    moment, and allowed traffic resumes once the controller has reinstalled."""
     allowed = conn.UdpStream(ns(lab, APP), ip(APP), ns(lab, DB), ip(DB), 5353, rate=200,
                              seconds=8.0)
     denied = conn.UdpStream(ns(lab, EDGE), ip(EDGE), ns(lab, DB), ip(DB), 5354, rate=200,
@@ -255,7 +258,10 @@ def test_ovs_restart_never_opens_a_hole(lab: PolicyLab):
     try:
         time.sleep(1.0)
         before = len(lab.log_events())
-        lab.ovs.restart_vswitchd()
+        if restore_flows:
+            lab.ovs.restart_vswitchd_restoring_flows()
+        else:
+            lab.ovs.restart_vswitchd()
         assert eventually(lambda: any(e.get("bridge") == "vmbr0" and e.get("read_from_switch")
                                       for e in events(lab, "reconciled", before)), 15.0)
         sent_ok, got_ok = allowed.result()
