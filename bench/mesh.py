@@ -22,13 +22,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 from bench.core import Context, Row, Target, alternate, benchmark, median
 from bench.labkit import events, make_normal, neigh, parse_ts, wait_until
 from labs import netns as nsl
+from labs.conn import Prober
 from labs.lab import Container, container_mac
 from labs.mesh_lab import NETMAKER_IF, MeshHost, MeshLab, mesh_ip
 from topology.model import LEARNED_COOKIE
@@ -70,43 +70,6 @@ def dp_flows_to(h: MeshHost, mac: str) -> list[str]:
 # ---------------------------------------------------------------- probes
 
 
-_REPLY = re.compile(r"^\[(?P<t>\d+\.\d+)\] \d+ bytes from ")
-
-
-class Prober:
-    """``ping -D`` every ``interval`` from ``ns`` to ``dst`` until stopped; the wall-clock
-    stamp of every echo reply is collected by a reader thread."""
-
-    def __init__(self, ns: str, dst: str, interval: str = "0.005") -> None:
-        self.proc = nsl.popen(ns, ["ping", "-D", "-n", "-i", interval, "-W", "1", dst],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.replies: list[float] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            m = _REPLY.match(line)
-            if m:
-                self.replies.append(float(m.group("t")))
-
-    def first_after(self, t0: float, timeout_s: float) -> float | None:
-        """Wall-clock time of the first reply stamped after ``t0`` (None: none in time)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = [t for t in list(self.replies) if t > t0]
-            if got:
-                return got[0]
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                return None
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        self._reader.join(2)
 
 
 GARP = r"""

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
 import time
 
 from labs import netns as nsl
@@ -165,3 +167,45 @@ class UdpStream:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+_PING_REPLY = re.compile(r"^\[(?P<t>\d+\.\d+)\] \d+ bytes from ")
+
+
+class Prober:
+    """``ping -D`` every ``interval`` s from ``ns`` to ``dst`` until stopped; the
+    wall-clock stamp of every echo reply is collected by a reader thread."""
+
+    def __init__(self, ns: str, dst: str, interval: str = "0.005") -> None:
+        self.proc = nsl.popen(ns, ["ping", "-D", "-n", "-i", interval, "-W", "1", dst],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.replies: list[float] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            m = _PING_REPLY.match(line)
+            if m:
+                self.replies.append(float(m.group("t")))
+
+    def replies_after(self, t: float) -> int:
+        return sum(1 for r in list(self.replies) if r > t)
+
+    def first_after(self, t0: float, timeout_s: float) -> float | None:
+        """Wall-clock time of the first reply stamped after ``t0`` (None: none in time)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = [t for t in list(self.replies) if t > t0]
+            if got:
+                return got[0]
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                return None
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self._reader.join(5)

@@ -15,12 +15,9 @@ Flow-level and controller-level checks of the same: tests/test_convergence_flows
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
@@ -28,6 +25,7 @@ import pytest
 from scapy.layers.l2 import ARP, Ether
 
 from labs import netns as nsl
+from labs.conn import Prober
 from labs.lab import SocketLab
 from labs.pkt import Sniffer
 from labs.waiting import eventually
@@ -71,32 +69,6 @@ def send_raw(ns: str, frame: bytes) -> None:
     assert res.returncode == 0, res.stderr
 
 
-class Prober:
-    """``ping -D`` every 10 ms from ``ns`` to ``dst`` until stopped; reply times collected."""
-
-    def __init__(self, ns: str, dst: str) -> None:
-        self.proc = nsl.popen(ns, ["ping", "-D", "-n", "-i", "0.01", "-W", "1", dst],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.replies: list[float] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            m = re.match(r"^\[(\d+\.\d+)\] \d+ bytes from ", line)
-            if m:
-                self.replies.append(float(m.group(1)))
-
-    def replies_after(self, t: float) -> int:
-        return sum(1 for r in list(self.replies) if r > t)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        self._reader.join(5)
-
 
 def events_after(lab: SocketLab, mark: int, event: str,
                  **fields: object) -> list[dict[str, object]]:
@@ -122,7 +94,7 @@ def test_a_container_back_on_its_host_is_reachable_whatever_was_learned_meanwhil
     announce_elsewhere = arp_frame(c.mac, c.ip, 2)  # what the host it moved to announces
     away = False
     try:
-        prober = Prober(mesh, c.ip)
+        prober = Prober(mesh, c.ip, interval="0.01")
         try:
             assert eventually(lambda: prober.replies_after(0) > 0), "not reachable at first"
             # it moves away: its port goes, the host it went to announces it across the
