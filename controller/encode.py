@@ -584,21 +584,15 @@ def _action_bytes(parser: ModuleType, action: Any) -> bytes:
 
 def _set_field_bytes(ofproto: ModuleType, field: str, value: Any) -> bytes | None:
     """OFPAT_SET_FIELD of a plain OXM field (each remote host's ARP responder sets its own
-    MAC and IPv4: new actions on the packet-in path), packed as os-ken lays it out: header,
-    OXM TLV, zero padding to 8 bytes. None: let os-ken do it (masked, experimenter)."""
+    MAC and IPv4: new actions on the packet-in path). Its OXM TLV, zero-padded to 8 bytes,
+    is laid out as in a one-field match, under the action's header instead of the match's.
+    None: let os-ken do it (masked, experimenter)."""
     if isinstance(value, tuple):
         return None
-    plain = _OXM_HEADS.setdefault(ofproto, ({}, {}))[0]
-    head = plain.get(field)
-    if head is None:
-        head = plain[field] = _learn_oxm_head(ofproto, field, value)
-    if not head:
+    match = _match_bytes(ofproto, ((field, value),))
+    if not _OXM_HEADS[ofproto][0][field]:  # an experimenter field
         return None
-    _, header, width = head
-    tlv = header + _pack(value, width)
-    length = 4 + len(tlv)
-    return _MATCH_HEAD.pack(ofproto.OFPAT_SET_FIELD, length + (-length % 8)) + tlv + \
-        _PADDING[-length % 8]
+    return _MATCH_HEAD.pack(ofproto.OFPAT_SET_FIELD, len(match)) + match[_MATCH_HEAD.size:]
 
 
 @functools.cache

@@ -40,7 +40,7 @@ from topology.pipeline import (
     SOCKET_PIPELINE,
     check_flow,
 )
-from topology.policy import Policy
+from topology.policy import PROTO_NUMBERS, Policy
 from topology.roles import Role, classify_port
 
 log = get_logger("socknet.runtime")
@@ -81,7 +81,7 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
 
 _ETH = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
-_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+_PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 
 
 def _mac(raw: bytes) -> str:
@@ -118,6 +118,14 @@ def parse_packet(data: bytes) -> dict[str, Any]:
         if proto in (6, 17) and not frag_offset and ihl >= 20 and len(data) >= l4 + 4:
             out["dst_port"] = struct.unpack_from("!H", data, l4 + 2)[0]
     return out
+
+
+def _remote_flow(ip: str, mac: str) -> Flow:
+    """A remote host's ARP responder, checked against the pipeline on its own (it joins a
+    desired state that was checked whole)."""
+    f = service_arp_flow(ip, mac)
+    check_flow(SOCKET_PIPELINE, f)
+    return f
 
 
 @dataclass
@@ -281,11 +289,9 @@ class Controller:
         base = desired_state(self.cfg, self._ports, self.policy, self.bindings, {})
         self._local_ips = local_service_ips(
             self.cfg, self._ports.get(self.cfg.bridges.socket.name, {}), self.bindings)
-        remote_flows = {ip: service_arp_flow(ip, mac) for ip, (mac, _) in self.remote.items()
-                        if ip not in self._local_ips}
-        for f in remote_flows.values():
-            check_flow(SOCKET_PIPELINE, f)
-        self._base, self._remote_flows = base, remote_flows
+        self._base = base
+        self._remote_flows = {ip: _remote_flow(ip, mac) for ip, (mac, _) in self.remote.items()
+                              if ip not in self._local_ips}
         self._generation += 1
 
     @property
@@ -470,13 +476,18 @@ class Controller:
         if not mac or not ip:
             return
         with self._lock:  # atomic with ovsdb_changed's update of the ports + _take_early
-            names = [n for n, o in (self._ports or {}).get(bridge, {}).items() if o == in_port]
-            if not names:
+            name = self._port_name(bridge, in_port)
+            if name is None:
                 self._early.add(in_port, Binding(mac, ip))
                 log.debug("early_packet_kept", in_port=in_port, mac=mac, ip=ip)
                 return
-        if self._learnable(names[0]):
-            self.learn_binding(names[0], Binding(mac, ip))
+        if self._learnable(name):
+            self.learn_binding(name, Binding(mac, ip))
+
+    def _port_name(self, bridge: str, ofport: int) -> str | None:
+        """Caller holds the lock. The port of ``bridge`` with that OpenFlow number."""
+        return next((n for n, o in (self._ports or {}).get(bridge, {}).items() if o == ofport),
+                    None)
 
     def _learnable(self, name: str) -> bool:
         """A container port on vmbr0 whose addresses are not declared and not learned yet."""
@@ -505,10 +516,10 @@ class Controller:
 
     def _learn_from(self, bridge: str, in_port: int, pkt: dict[str, Any]) -> None:
         with self._lock:
-            names = [n for n, o in (self._ports or {}).get(bridge, {}).items() if o == in_port]
-        if not names or not pkt.get("eth_src") or not pkt.get("sender_ip"):
+            name = self._port_name(bridge, in_port)
+        if name is None or not pkt.get("eth_src") or not pkt.get("sender_ip"):
             return
-        self.learn_binding(names[0], Binding(pkt["eth_src"], pkt["sender_ip"]))
+        self.learn_binding(name, Binding(pkt["eth_src"], pkt["sender_ip"]))
 
     def _learn_remote(self, pkt: dict[str, Any]) -> None:
         """An ARP from across the mesh tells where a remote host is: remember its MAC so
@@ -552,8 +563,7 @@ class Controller:
         if (self._base is None or bridge not in self._base or session is None
                 or session.installed is None or self.policy_pending or ip in self._local_ips):
             return None
-        new = service_arp_flow(ip, mac)
-        check_flow(SOCKET_PIPELINE, new)
+        new = _remote_flow(ip, mac)
         stale = self._remote_flows.get(ip)
         if stale is not None:
             session.installed.discard(stale.cookie)  # the ADD replaces it in place (same match)
