@@ -41,7 +41,7 @@ from topology.pipeline import (
     check_flow,
 )
 from topology.policy import PROTO_NUMBERS, Policy
-from topology.roles import Role, classify_port
+from topology.roles import Role, classify_port, no_role_reason
 
 log = get_logger("socknet.runtime")
 REMOTE_TTL_S = 300.0  # a remote host not heard from (ARP) for this long is forgotten
@@ -120,6 +120,28 @@ def parse_packet(data: bytes) -> dict[str, Any]:
     return out
 
 
+def port_changes(old: dict[str, dict[str, int]], new: dict[str, dict[str, int]]
+                 ) -> list[tuple[str, str, int, bool]]:
+    """(bridge, port, ofport, added) for every port that came or went between two OVSDB
+    views; a port whose OpenFlow number changed went and came."""
+    out = []
+    for bridge in sorted({*old, *new}):
+        before, after = old.get(bridge, {}), new.get(bridge, {})
+        out += [(bridge, n, o, False) for n, o in sorted(before.items()) if after.get(n) != o]
+        out += [(bridge, n, o, True) for n, o in sorted(after.items()) if before.get(n) != o]
+    return out
+
+
+def _ethertype(data: bytes) -> int | None:
+    """The frame's EtherType (inside one 802.1Q tag), None if too short."""
+    if len(data) < 14:
+        return None
+    (kind,) = struct.unpack_from("!H", data, 12)
+    if kind == 0x8100 and len(data) >= 18:
+        (kind,) = struct.unpack_from("!H", data, 16)
+    return int(kind)
+
+
 def _remote_flow(ip: str, mac: str) -> Flow:
     """A remote host's ARP responder, checked against the pipeline on its own (it joins a
     desired state that was checked whole)."""
@@ -145,6 +167,7 @@ class Stats:
     last_reload_ms: float = 0.0
     denied_logged: int = 0
     remote_learned: int = 0  # remote hosts learned or moved (from mesh ARP)
+    dropped_logged: int = 0  # `dropped` events (copies of dropped packets, metered)
     last_reconcile: dict[str, float] = field(default_factory=dict)
 
 
@@ -176,6 +199,8 @@ class Controller:
         self._desired_cache: tuple[int, DesiredState | None] = (-1, None)
         self._announced: set[tuple[str, int]] = set()
         self._learn_log = LogBudget()  # remote_host_learned lines: a flood is summarised
+        # `dropped` lines, a budget per (port, reason): one noisy port cannot hide another
+        self._drop_logs: dict[tuple[str, str], LogBudget] = {}
         self._early = EarlyPackets()  # first packets of ports not in OVSDB yet, by in_port
         self._lock = threading.Lock()
         self._work: queue.Queue[int | None] = queue.Queue()
@@ -242,13 +267,31 @@ class Controller:
                 for b, old in old_ports.items()
             }
         self.stats.port_events += 1
+        self._log_port_changes(old_ports, ports)
         self._learn_early(early)
         for bridge, ofports in removed.items():
             if ofports:
-                log.info("ports_removed", bridge=bridge, ofports=sorted(ofports))
                 self._forget_learned(bridge, ofports)
         for dpid in list(self._sessions):
             self._work.put(dpid)
+
+    def _log_port_changes(self, old: dict[str, dict[str, int]],
+                          new: dict[str, dict[str, int]]) -> None:
+        """One line per port that came or went, with its role and container; a port
+        with no role is a warning (everything it sends is dropped)."""
+        for bridge, name, ofport, added in port_changes(old, new):
+            role = classify_port(self.cfg, bridge, name)
+            fields: dict[str, Any] = dict(bridge=bridge, port=name, ofport=ofport,
+                                          role=role.role.value, container=role.vmid)
+            if not added:
+                for key in [k for k in self._drop_logs if k[0] == name]:
+                    del self._drop_logs[key]
+                log.info("port_removed", **fields)
+            elif role.role is Role.UNKNOWN:
+                log.warning("port_added", **fields, dropped=no_role_reason(self.cfg, bridge,
+                                                                             name))
+            else:
+                log.info("port_added", **fields)
 
     def set_policy(self, policy: Policy | None) -> None:
         """Install a policy that has already been validated and tested."""
@@ -459,6 +502,8 @@ class Controller:
         except (KeyError, TypeError):
             return
         pkt = parse_packet(msg.data)
+        if self._dropped(bridge, msg.table_id, in_port, msg.data, pkt):
+            return
         if msg.table_id == SOCKET_PIPELINE["classify"]:
             self._early_packet(bridge, in_port, pkt)
         elif msg.table_id == SOCKET_PIPELINE["spoof_guard"]:
@@ -467,6 +512,45 @@ class Controller:
             self._learn_remote(pkt)
         elif msg.table_id == SOCKET_PIPELINE["policy_deny"]:
             self._log_denied(msg, in_port, pkt)
+
+    def _dropped(self, bridge: str, table: int, in_port: int, data: bytes,
+                 pkt: dict[str, Any]) -> bool:
+        """A copy of a packet a drop flow dropped (topology.drops): a `dropped` line naming
+        port, container and reason, within a budget per port and reason. False: not such a
+        copy (an early packet, or one to learn from), for the caller to handle."""
+        p = SOCKET_PIPELINE
+        if table not in (p["classify"], p["spoof_guard"]):
+            return False
+        with self._lock:
+            name = self._port_name(bridge, in_port)
+        if name is None:
+            return False  # not in OVSDB yet: an early packet
+        role = classify_port(self.cfg, bridge, name)
+        if table == p["classify"]:
+            if role.role is not Role.UNKNOWN:
+                return False  # a container port whose flows are on their way
+            reason, why = "no_role", no_role_reason(self.cfg, bridge, name)
+        else:
+            if self._learnable(name):
+                return False  # the learning flow's copy
+            bound = binding_of(self.cfg, BoundPort(name, in_port, role), self.bindings)
+            if bound is not None and pkt.get("eth_src") == bound.mac and (
+                    bound.ip is None or pkt.get("sender_ip") == bound.ip):
+                return True  # its own addresses: the learning flow, before its replacement
+            reason = "spoofed_source"
+            why = (f"its own: {bound.mac} {bound.ip or ''}".strip() if bound is not None
+                   else "its addresses are not known yet")
+        budget = self._drop_logs.setdefault((name, reason), LogBudget(per_second=1.0, burst=5))
+        logged, skipped = budget.take()
+        if logged:
+            self.stats.dropped_logged += 1
+            ethertype = _ethertype(data)
+            log.warning("dropped", reason=reason, bridge=bridge, port=name, in_port=in_port,
+                        role=role.role.value, container=role.vmid, why=why,
+                        eth_src=pkt.get("eth_src"), ip=pkt.get("sender_ip"),
+                        ethertype=f"0x{ethertype:04x}" if ethertype is not None else None,
+                        **({"not_logged_before": skipped} if skipped else {}))
+        return True
 
     def _early_packet(self, bridge: str, in_port: int, pkt: dict[str, Any]) -> None:
         """A packet from a port without flows (classify's default drop sent a copy): kept

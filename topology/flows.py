@@ -38,6 +38,7 @@ from topology.pipeline import (
     LEARN_IDLE_TIMEOUT,
     MESH_LEARN_IDLE_TIMEOUT,
     MESH_PIPELINE,
+    METER_DROP,
     METER_EARLY,
     METER_LEARN,
     REG_CLASS,
@@ -186,8 +187,10 @@ def _spoof_guard(cfg: HostConfig, containers: list[BoundPort], learned: Bindings
                          owner=Owner.PORTS,
                          note=f"spoof_guard: {who} addresses unknown: learn (rate-limited), drop"))
             continue
-        out.add(flow(t, 10, in_port=port.ofport, owner=owner,
-                     note=f"spoof_guard: {who} anything not its own, drop"))
+        # a rate-limited copy tells the controller (a `dropped` event naming the port)
+        out.add(flow(t, 10, in_port=port.ofport, actions=[ToController(meter=METER_DROP)],
+                     owner=owner,
+                     note=f"spoof_guard: {who} anything not its own, drop (copy: log)"))
         if b.ip is None:
             out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, goto=after,
                          owner=owner, note=f"spoof_guard: {who} own MAC"))

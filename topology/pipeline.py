@@ -35,11 +35,13 @@ ZONE_POLICY = 2
 # OpenFlow meters (packets/s to the controller): denied-packet logs, address learning,
 # and packets from ports the pipeline does not know yet (a new container's first packets
 # arrive before its port's flows; a meter of their own, so an unknown port that floods
-# can never use up the learning meter's budget).
+# can never use up the learning meter's budget), and copies of dropped packets that say
+# why (topology.drops: a flood of spoofed frames costs the controller at most this much).
 METER_LOG = 1
 METER_LEARN = 2
 METER_EARLY = 3
-METER_RATES = {METER_LOG: 100, METER_LEARN: 200, METER_EARLY: 50}
+METER_DROP = 4
+METER_RATES = {METER_LOG: 100, METER_LEARN: 200, METER_EARLY: 50, METER_DROP: 20}
 
 LEARN_IDLE_TIMEOUT = 300
 MESH_LEARN_IDLE_TIMEOUT = 60  # a remote MAC not heard from for this long is flooded again
@@ -220,8 +222,9 @@ def pipeline_markdown() -> str:
         "ct_mark bit 1 marks a connection the policy committed, bit 0 one a deny has cut.",
         "",
         f"Meters: {METER_LOG} = denied-packet logs, {METER_LEARN} = address learning, "
-        f"{METER_EARLY} = packets from ports without flows yet (packets/s to the controller, "
-        "excess dropped in the switch).",
+        f"{METER_EARLY} = packets from ports without flows yet, {METER_DROP} = copies of "
+        "dropped packets for `dropped` log events (packets/s to the controller, excess "
+        "dropped in the switch).",
         "",
     ]
     return "\n".join(lines)
