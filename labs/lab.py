@@ -283,6 +283,14 @@ class SocketLab:
     def flows(self, bridge: str) -> list[str]:
         return self.ovs.dump_flows(bridge)
 
+    @property
+    def metrics_url(self) -> str:
+        """The controller's Prometheus endpoint, inside the host namespace (the labs keep
+        host.yaml's default `metrics.listen`)."""
+        from topology.config import MetricsCfg
+
+        return f"http://{MetricsCfg().listen}/metrics"
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
@@ -293,6 +301,27 @@ def _env() -> dict[str, str]:
 
 # ---------------------------------------------------------------- CLI (make lab-up / lab-down)
 
+def socknet_command() -> str:
+    """How a root shell runs socknet: ``socknet`` once `make install` (which `make lab-up`
+    and `make demo` run) has put it on PATH, else the virtualenv's own."""
+    if shutil.which("socknet"):
+        return "socknet"
+    venv = Path(sys.executable).parent / "socknet"
+    return str(venv) if venv.exists() else f"{sys.executable} -m controller.cli"
+
+
+def hints(lab: SocketLab) -> list[str]:
+    """What to type to look at one lab host: flows, status, metrics. The host lives in its
+    own network namespace, and so does its metrics endpoint (loopback there)."""
+    enter = f"ip netns exec {lab.host}"
+    return [
+        f"flows:   {enter} ovs-ofctl -O OpenFlow14 dump-flows {lab.ovs.mgmt('vmbr0')}",
+        f"status:  {enter} {socknet_command()} status -c {lab.config_path}",
+        f"metrics: {enter} curl -s {lab.metrics_url}   (the endpoint listens on the lab "
+        "host's loopback)",
+    ]
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labs.lab")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -300,6 +329,9 @@ def _main(argv: list[str] | None = None) -> int:
     up.add_argument("--hosts", type=int, default=1,
                     help="1: this one-host lab; 2 or 3: labs.mesh_lab (real WireGuard mesh)")
     up.add_argument("--prefix", default="snlab")
+    up.add_argument("--policy", type=Path,
+                    help="a policy.yaml to enforce (one host: labs.policy_lab, one service "
+                         "container in each tier)")
     sub.add_parser("down", help="tear down whatever `up` started")
     args = parser.parse_args(argv)
     state = STATE_DIR / "state.json"
@@ -307,26 +339,49 @@ def _main(argv: list[str] | None = None) -> int:
         if args.hosts not in (1, 2, 3):
             print("--hosts must be 1, 2 or 3", file=sys.stderr)
             return 2
+        policy_text = None
+        if args.policy is not None:
+            from topology.policy import PolicyError, load_policy
+
+            try:
+                load_policy(args.policy)
+                policy_text = args.policy.read_text()
+            except PolicyError as exc:
+                for problem in exc.problems:
+                    print(f"lab: {problem}", file=sys.stderr)
+                return 2
         if state.exists():
             print(f"a lab is already up ({state}); run `make lab-down` first", file=sys.stderr)
             return 1
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         if args.hosts > 1:
-            return _mesh_up(args.prefix, args.hosts, state)
+            return _mesh_up(args.prefix, args.hosts, state, policy_text)
+        if policy_text is not None:
+            return _policy_up(args.prefix, args.policy, policy_text, state)
         lab = SocketLab(args.prefix, STATE_DIR / args.prefix)
         lab.up()
         controller_pid = lab.controller.pid if lab.controller else None
         state.write_text(json.dumps({"prefix": args.prefix, "controller_pid": controller_pid}))
         print(f"lab up: host namespace {lab.host}, controller pid {controller_pid}")
-        print(f"  flows:  ip netns exec {lab.host} ovs-ofctl -O OpenFlow14 dump-flows "
-              f"{lab.ovs.mgmt('vmbr0')}")
-        print(f"  status: ip netns exec {lab.host} {sys.executable} -m controller.cli status "
-              f"-c {lab.config_path}")
+        for line in hints(lab):
+            print(f"  {line}")
         return 0
     if not state.exists():
         print("no lab is up", file=sys.stderr)
         return 0
     info = json.loads(state.read_text())
+    if info.get("kind") == "policy":
+        from labs.policy_lab import PolicyLab
+
+        services = {int(v): ip for v, ip in info["services"].items()}
+        plab = PolicyLab(info["prefix"], STATE_DIR / info["prefix"], "", services)
+        plab.containers = {v: Container(v, f"{plab.prefix}c{v}", plab.port_name(v), "", "")
+                           for v in (*plab.privacy_ids, *plab.service_ids)}
+        plab.down()
+        shutil.rmtree(STATE_DIR / info["prefix"], ignore_errors=True)
+        state.unlink()
+        print("lab down")
+        return 0
     if info.get("kind") == "mesh":
         from labs.mesh_lab import MeshLab
 
@@ -350,10 +405,38 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _mesh_up(prefix: str, hosts: int, state: Path) -> int:
+def _policy_up(prefix: str, path: Path, policy_text: str, state: Path) -> int:
+    from labs.policy_lab import PolicyLab, tier_services
+    from topology.policy import parse_policy
+
+    policy = parse_policy(policy_text)
+    placed = tier_services(policy)
+    services = {v: ip for v, (ip, _) in placed.items()}
+    onlink = tuple(str(n) for t in policy.tiers.values() for n in t.nets)
+    lab = PolicyLab(prefix, STATE_DIR / prefix, policy_text, services, onlink=onlink)
+    # written first: `lab-down` can clean up even if `up` is interrupted
+    state.write_text(json.dumps({"kind": "policy", "prefix": prefix,
+                                 "services": {str(v): ip for v, ip in services.items()}}))
+    try:
+        lab.up()
+    except BaseException:
+        state.unlink(missing_ok=True)
+        raise
+    print(f"policy lab up: {path} enforced on host namespace {lab.host}")
+    for vmid, (ip, tier) in placed.items():
+        print(f"  container {vmid}: {ip} (tier {tier}), netns {lab.prefix}c{vmid}")
+    for line in hints(lab):
+        print(f"  {line}")
+    if placed:
+        print(f"  try:     ip netns exec {lab.prefix}c{min(placed)} ping -c1 ADDRESS, then "
+              "status (per-rule counters) or metrics")
+    return 0
+
+
+def _mesh_up(prefix: str, hosts: int, state: Path, policy_text: str | None = None) -> int:
     from labs.mesh_lab import MeshLab
 
-    lab = MeshLab(prefix, STATE_DIR / prefix, hosts=hosts)
+    lab = MeshLab(prefix, STATE_DIR / prefix, hosts=hosts, policy=policy_text)
     # written first: `lab-down` can clean up even if `up` is interrupted
     state.write_text(json.dumps({"kind": "mesh", "prefix": prefix, "hosts": hosts}))
     try:
