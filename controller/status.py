@@ -160,7 +160,7 @@ def namespace_problem(cfg: HostConfig, ports: dict[str, dict[str, int]]) -> str 
         return None
     try:
         here = links.link_names()
-    except OSError:
+    except (OSError, links.NetlinkError):
         return None
     if here & set(names):
         return None
