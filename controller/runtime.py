@@ -284,8 +284,9 @@ class Controller:
             fields: dict[str, Any] = dict(bridge=bridge, port=name, ofport=ofport,
                                           role=role.role.value, container=role.vmid)
             if not added:
-                for key in [k for k in self._drop_logs if k[0] == name]:
-                    del self._drop_logs[key]
+                for key in list(self._drop_logs):  # a snapshot: packet-ins add keys
+                    if key[0] == name:
+                        self._drop_logs.pop(key, None)
                 log.info("port_removed", **fields)
             elif role.role is Role.UNKNOWN:
                 log.warning("port_added", **fields, dropped=no_role_reason(self.cfg, bridge,
