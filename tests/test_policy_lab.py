@@ -311,8 +311,8 @@ def garp(c: Container) -> bytes:
 
 
 def first_packet_outcome(lab: PolicyLab, c: Container, mark: int) -> dict[str, object]:
-    """Send the container's first packet; the controller's verdict on it (learned or
-    refused: the event)."""
+    """Send the container's first packet; the controller's verdict on it (the event:
+    learned or refused; none if the packet never came up to it)."""
     send_frame(c.ns, "eth0", garp(c))
     found: list[dict[str, object]] = []
 
@@ -321,9 +321,9 @@ def first_packet_outcome(lab: PolicyLab, c: Container, mark: int) -> dict[str, o
                     if e.get("event") in ("binding_learned", "binding_refused")
                     and e.get("port") == c.port]
         return bool(found)
-    assert eventually(decided, 10.0), f"no learning verdict for {c.port}"
+    eventually(decided, 8.0)
     time.sleep(0.3)  # a learned binding's flows: one bundle away
-    return found[0]
+    return found[0] if found else {"event": None}
 
 
 def syns_at(lab: PolicyLab, vmid: int, port: int, seconds: float) -> Sniffer:
@@ -344,14 +344,14 @@ def test_an_undeclared_container_cannot_choose_its_tier(lab: PolicyLab, vmid: in
     mark = len(lab.log_events())
     with started(lab, vmid, address) as c:
         verdict = first_packet_outcome(lab, c, mark)
-        assert verdict["event"] == "binding_refused", verdict
-        assert verdict["kind"] == "policy-named" and verdict["ip"] == address
         sniff = syns_at(lab, target, port, 8.0)
         try:
             assert not conn.connect(c.ns, "tcp", address, ip(target), port, timeout_s=3.0)
             assert sniff.result()["count"] == 0  # not one SYN reached the target
         finally:
             sniff.close()
+        assert verdict["event"] == "binding_refused", verdict
+        assert verdict["kind"] == "policy-named" and verdict["ip"] == address
     text = _scrape(lab)
     assert _metric(text, "socknet_bindings_refused_total", kind="policy-named") >= 1
 
@@ -370,13 +370,13 @@ def test_a_mac_only_container_has_no_ip_rights(lab: PolicyLab):
     with started(lab, MAC_ONLY, "10.20.0.55") as c:
         assert c.mac == container_mac(MAC_ONLY)
         verdict = first_packet_outcome(lab, c, mark)
-        assert verdict["event"] == "binding_refused" and verdict["kind"] == "policy-named"
         sniff = syns_at(lab, DB, 5432, 8.0)
         try:
             assert not conn.connect(c.ns, "tcp", c.ip, ip(DB), 5432, timeout_s=3.0)
             assert sniff.result()["count"] == 0
         finally:
             sniff.close()
+        assert verdict["event"] == "binding_refused" and verdict["kind"] == "policy-named"
 
 
 PVE_CT = """\
@@ -433,13 +433,14 @@ def test_a_container_sending_with_the_gateways_mac_hijacks_nothing(lab: PolicyLa
               / ARP(op=2, hwsrc=GATEWAY_MAC, psrc="10.255.255.254", pdst=edge.ip),
               Ether(src=GATEWAY_MAC, dst=edge.mac) / IP(src=SERVICE_INTERNET_IP, dst=edge.ip)
               / TCP(sport=443, dport=40000, flags="A")]
-    sniff = Sniffer(db.ns, "eth0", 12.0, f"tcp dst port 443 and host {SERVICE_INTERNET_IP}"
+    sniff = Sniffer(db.ns, "eth0", 20.0, f"tcp dst port 443 and host {SERVICE_INTERNET_IP}"
                     ).start()
+    results = []
     try:
-        for frame in forged:
-            send_frame(db.ns, "eth0", bytes(frame), count=3, interval=0.05)
-        results = [conn.connect(edge.ns, "tcp", edge.ip, SERVICE_INTERNET_IP, 443)
-                   for _ in range(3)]
+        for _ in range(3):  # db keeps at it: before each of edge's connections
+            for frame in forged:
+                send_frame(db.ns, "eth0", bytes(frame), count=3, interval=0.05)
+            results.append(conn.connect(edge.ns, "tcp", edge.ip, SERVICE_INTERNET_IP, 443))
         seen = sniff.result()
     finally:
         sniff.close()
@@ -462,7 +463,6 @@ def test_broadcast_and_multicast_sources_are_never_learned(lab: PolicyLab, sourc
         send_frame(lab.mesh_ns, "eth0", bytes(Ether(src=source, dst=edge.mac)
                                               / IP(src=TAILNET_USER_IP, dst=edge.ip)
                                               / TCP(dport=9)), count=3, interval=0.05)
-    assert learned_l2_to(lab, source) == []
     # edge's ARP for an address nobody has, sent to that group: every service port gets it
     ask = bytes(Ether(src=edge.mac, dst=source)
                 / ARP(op=1, hwsrc=edge.mac, psrc=edge.ip, pdst="10.10.0.99"))
@@ -470,3 +470,4 @@ def test_broadcast_and_multicast_sources_are_never_learned(lab: PolicyLab, sourc
         send_frame(edge.ns, "eth0", ask, count=2, interval=0.05)
         seen = s.result()
     assert seen["count"] == 2, seen
+    assert learned_l2_to(lab, source) == []
