@@ -328,3 +328,51 @@ def test_read_pve_dir_without_proxmox(tmp_path: Path):
     assert read_pve_dir(tmp_path) is None
     (tmp_path / "lxc").mkdir()
     assert read_pve_dir(tmp_path) == {}
+
+
+# ------------------------------------------------------------------ host.yaml and the CLI
+
+
+def test_host_yaml_settings_and_their_defaults():
+    cfg = parse_host_config("bridges: {mesh: {}, socket: {}}\n")
+    assert cfg.addresses == "declared" and not cfg.learning  # safe: declared only
+    assert cfg.pve is not None and (cfg.pve.dir, cfg.pve.poll_s) == ("/etc/pve", 2.0)
+    cfg = parse_host_config("bridges: {mesh: {}, socket: {}}\naddresses: learn-first-packet\n"
+                            "pve: null\n")
+    assert cfg.learning and cfg.pve is None
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("addresses: learn", "addresses: Input should be 'declared' or 'learn-first-packet'"),
+    ("pve: {dir: etc/pve}", "pve.dir: 'etc/pve' is not an absolute path"),
+    ("pve: {poll_s: 0}", "pve.poll_s: Input should be greater than or equal to 0.2"),
+    ("pve: {dri: /etc/pve}", "pve.dri: unknown key"),
+])
+def test_host_yaml_settings_errors_name_the_line(line: str, problem: str):
+    from topology.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_host_config(f"bridges: {{mesh: {{}}, socket: {{}}}}\n{line}\n", "host.yaml")
+    assert info.value.problems == [f"host.yaml:2: {problem}"]
+
+
+def test_socknet_flows_reads_the_guest_configs(tmp_path: Path):
+    import subprocess
+    import sys
+
+    _copy_fixtures(tmp_path / "pve")
+    conflict = "net0: name=eth0,bridge=vmbr0,hwaddr=BC:24:11:0A:00:C8,ip=10.10.0.99/24\n"
+    (tmp_path / "pve" / "lxc" / "299.conf").write_text(conflict)  # 200's MAC
+    host = tmp_path / "host.yaml"
+    host.write_text(f"bridges: {{mesh: {{}}, socket: {{}}}}\npve: {{dir: '{tmp_path / 'pve'}'}}\n")
+    res = subprocess.run([sys.executable, "-m", "controller.cli", "flows", "-c", str(host),
+                          "--bridge", "vmbr0", "--port", "veth201i0=5", "--port",
+                          "fwln202o0=6", "--port", "veth200i0=7"],
+                         capture_output=True, text=True, check=True)
+    assert "dl_src=bc:24:11:14:00:c9,dl_type=0x0800,in_port=5,nw_src=10.20.0.10" in res.stdout
+    assert "dl_src=bc:24:11:1e:00:ca,dl_type=0x0800,in_port=6,nw_src=10.30.0.10" in res.stdout
+    assert "in_port=7,nw_src" not in res.stdout  # its MAC is declared twice: no rights
+    assert "priority=10,in_port=7 actions=drop" in res.stdout
+    assert ("socknet: warning: conflict: mac bc:24:11:0a:00:c8 declared by pve "
+            "lxc/200.conf:8 net0 and pve lxc/299.conf:1 net0: refused to both") in res.stderr
+    assert "lxc/204.conf:3 net0: no valid unicast MAC" in res.stderr
