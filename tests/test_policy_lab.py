@@ -153,8 +153,9 @@ def test_spoofed_source_is_dropped(lab: PolicyLab):
     ]
     genuine = Ether(src=edge.mac, dst=app.mac) / IP(src=ip(EDGE), dst=ip(APP)) / TCP(
         sport=41000, dport=3000, flags="S")
+    # the forged ARP reply, not the switch's answers to app's own ARP (legit, any time)
     bpf = (f"not ether src {app.mac} and ((tcp dst port 3000 and tcp[tcpflags] == tcp-syn)"
-           " or (arp and arp[6:2] = 2))")
+           f" or (arp and arp[6:2] = 2 and ether src {db.mac}))")
     with Sniffer(app.ns, "eth0", 6.0, bpf) as s:  # 4 sender processes: slow under load
         for f in forged:
             send_frame(db.ns, "eth0", bytes(f), count=2)
