@@ -157,11 +157,14 @@ class Stats:
 class Controller:
     def __init__(self, cfg: HostConfig, audit_interval_s: float = 30.0,
                  policy: Policy | None = None, policy_pending: bool = False,
-                 guests: Guests | None = None) -> None:
+                 guests: Guests | None = None, guests_pending: bool = False) -> None:
         self.cfg = cfg
         self.policy = policy
         # the container addresses the authorities declare (host.yaml, Proxmox's configs)
         self.guests = guests or Guests()
+        # True until Proxmox's guest configs were read once (`set_guests`): nothing is
+        # reconciled before, so no switch loses a container's flows to a late read
+        self.guests_pending = guests_pending
         self.declared: Declarations = declarations(cfg, self.guests.nics)
         self._refusals_logged: set[tuple[str, str, str | None]] = set()
         # True until the configured policy is loaded: nothing is reconciled before (the
@@ -279,7 +282,8 @@ class Controller:
             old = self.declared
             self.guests = guests
             self.declared = declarations(self.cfg, guests.nics)
-            changed = self.declared != old
+            changed = self.declared != old or self.guests_pending
+            self.guests_pending = False
             self.stats.pve_reads += 1
             if changed:
                 self._revoke_learned()
@@ -287,13 +291,17 @@ class Controller:
                     self._recompute()
         for problem in guests.problems:
             log.warning("pve_problem", problem=problem)
-        for c in self.declared.conflicts:
-            log.error("address_conflict", field=c.field, value=c.value, sources=list(c.sources),
-                      action="refused to every interface declaring it")
+        self.log_conflicts()
         log.info("pve_read", reason=reason, interfaces=len(self.declared.nics),
                  changed=changed, conflicts=len(self.declared.conflicts))
         if changed:
             self._kick_all()
+
+    def log_conflicts(self) -> None:
+        """One line per address declared for more than one interface (refused to all)."""
+        for c in self.declared.conflicts:
+            log.error("address_conflict", field=c.field, value=c.value, sources=list(c.sources),
+                      action="refused to every interface declaring it")
 
     def learn_binding(self, port_name: str, binding: Binding) -> bool:
         """A container's addresses, learned once from its first packet, with
@@ -427,8 +435,8 @@ class Controller:
             session = self._sessions.get(dpid)
             desired = self._desired
             bridge = self._bridge_of(dpid)
-        if self.policy_pending:
-            return 0  # the policy is still loading: leave the switch as it is
+        if self.policy_pending or self.guests_pending:
+            return 0  # policy or guest configs not read yet: leave the switch as it is
         if session is None or desired is None or bridge is None or bridge not in desired:
             return 0  # not connected, or OVSDB not read yet: try again on the next event
         started = time.monotonic()
@@ -629,7 +637,8 @@ class Controller:
         bridge = self.cfg.bridges.socket.name
         session = self.session_for(bridge)
         if (self._base is None or bridge not in self._base or session is None
-                or session.installed is None or self.policy_pending or ip in self._local_ips):
+                or session.installed is None or self.policy_pending or self.guests_pending
+                or ip in self._local_ips):
             return None
         new = _remote_flow(ip, mac)
         stale = self._remote_flows.get(ip)

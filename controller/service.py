@@ -25,8 +25,9 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     from controller.ovsdb import OvsdbView
     from controller.reload import PolicyReloader, load_checked
 
-    # Proxmox's guest configs are read once before anything is reconciled: a switch
-    # must never see the containers' flows without the addresses Proxmox declares
+    # Proxmox's guest configs are read once before anything is reconciled (the controller
+    # waits for them, guests_pending): a restart must never take a container's flows
+    # away for the moment before Proxmox's declarations are known
     watcher = None
     if cfg.pve is not None:
         from controller.pve_watch import PveWatcher
@@ -35,10 +36,12 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
         watcher.poll("start")
     controller = Controller(cfg, audit_interval_s=audit_interval_s,
                             policy_pending=policy_path is not None,
-                            guests=watcher.guests if watcher is not None else None)
+                            guests_pending=watcher is not None)
     if watcher is not None:
         watcher.on_change = controller.set_guests
         controller.set_guests(watcher.guests, "start")  # logs what was read, its conflicts
+    else:
+        controller.log_conflicts()  # host.yaml's own
 
     def load_policy() -> None:
         """In the background, so the OpenFlow listener is up at once: OVS backs off

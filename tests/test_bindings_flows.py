@@ -24,7 +24,7 @@ from topology.flows import desired_state
 from topology.model import Learn, ToController
 from topology.pipeline import MESH_PIPELINE, SOCKET_PIPELINE
 from topology.policy import parse_policy
-from topology.pve import parse_pve
+from topology.pve import Guests, parse_pve
 from topology.simulate import BROADCAST, ZERO_MAC, Switch, arp_request, ethernet, ipv4
 
 HOST = """
@@ -287,3 +287,21 @@ def test_a_new_declaration_replaces_what_was_learned(logs):
     assert [e["kind"] for e in logs if e["event"] == "binding_revoked"] == ["not-declared"]
     (own, arp) = sorted(_spoof_guard_passes(c, 20), key=lambda f: f.match)
     assert {own.match_dict.get("arp_spa"), arp.match_dict.get("ipv4_src")} == {"10.20.0.50"}
+
+
+class Untouchable:
+    """A switch session nobody may use yet."""
+
+    bridge = "vmbr0"
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the switch was used ({name}) before the guest configs were read")
+
+
+def test_nothing_is_reconciled_before_the_guest_configs_were_read():
+    c = Controller(LEARN, guests_pending=True)
+    c.ovsdb_changed(PORTS, DPIDS)
+    c._sessions[DPIDS["vmbr0"]] = Untouchable()  # type: ignore[assignment]
+    assert c.reconcile(DPIDS["vmbr0"]) == 0
+    c.set_guests(Guests(), "start")
+    assert not c.guests_pending and c._work.qsize() >= 1  # and now it is reconciled

@@ -413,6 +413,16 @@ def test_proxmox_guest_configs_declare_addresses_and_are_followed(lab: PolicyLab
             assert eventually(lambda: any(e.get("reason") == "SIGHUP"
                                           for e in events(lab, "pve_read", before)), 10.0)
             assert eventually(lambda: conn.connect(c.ns, "tcp", c.ip, ip(DB), 5432), 15.0)
+            # a restarted controller reads the guest configs before its first reconcile:
+            # it finds 206's flows on the switch as it wants them (nothing deleted)
+            lab.stop_controller()
+            restart = len(lab.log_events())
+            lab.start_controller(wait=False)
+            lab.wait_reconciled(after=restart)
+            first = next(e for e in events(lab, "reconciled", restart)
+                         if e.get("bridge") == "vmbr0")
+            assert first["read_from_switch"] and first["deleted"] == 0, first
+            assert conn.connect(c.ns, "tcp", c.ip, ip(DB), 5432)
     finally:
         (lab.pve_dir / conf).unlink(missing_ok=True)
 
