@@ -55,7 +55,7 @@ def host_yaml(db_sock: Path, port: int) -> str:
             "bridges:\n"
             "  mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
-            f"containers:\n{containers}\n")
+            f"containers:\n{containers}\npve: null\n")
 
 
 class OvsdbOnly(OvsInstance):

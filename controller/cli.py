@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from topology.addresses import Declarations
 from topology.config import ConfigError, HostConfig, load_host_config
 from topology.policy import Policy, PolicyError, load_policy
 from topology.roles import Role, classify_port, configured_ports, no_role_reason
@@ -157,7 +158,8 @@ def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
 
     path = _policy_path(cfg)
     policy = _load_policy(path) if path is not None else None
-    state = desired_state(cfg, _parse_ports(cfg, port_specs), policy)
+    state = desired_state(cfg, _parse_ports(cfg, port_specs), policy,
+                          declared=_declarations(cfg))
     if bridge is not None and bridge not in state:
         _fail([f"--bridge {bridge!r}: not a bridge of this host ({', '.join(state)})"],
               EXIT_BAD_INPUT)
@@ -167,6 +169,22 @@ def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
         if bridge is None:
             click.echo(f"# bridge {name}")
         click.echo(flows_text(fl, comments=comments), nl=False)
+
+
+def _declarations(cfg: HostConfig) -> Declarations:
+    """Container addresses as the controller would have them: host.yaml over Proxmox's
+    guest configs (read now); what they declare twice is named on stderr."""
+    from controller.pve_watch import read_pve_dir
+    from topology.addresses import declarations
+    from topology.pve import parse_pve
+
+    files = read_pve_dir(Path(cfg.pve.dir)) if cfg.pve is not None else None
+    guests = parse_pve(files or {})
+    declared = declarations(cfg, guests.nics)
+    for line in [*guests.problems, *(f"conflict: {c.describe()}: refused to both"
+                                     for c in declared.conflicts)]:
+        click.echo(f"socknet: warning: {line}", err=True)
+    return declared
 
 
 def _policy_arg(path: str) -> Policy:

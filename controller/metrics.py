@@ -91,6 +91,22 @@ class ControllerCollector(Collector):
                                 value=s.last_reload_ms / 1000)
         yield GaugeMetricFamily("socknet_learned_bindings", "Container addresses learned",
                                 value=len(c.bindings))
+        refused = CounterMetricFamily(
+            "socknet_bindings_refused",
+            "Learned container addresses refused, by kind (duplicate: another container's; "
+            "policy-named: a tier/external/rule address; not-declared: differs from the "
+            "declaration; invalid; refused: the declaration itself was refused)",
+            labels=["kind"])
+        for kind in ("duplicate", "policy-named", "not-declared", "invalid", "refused"):
+            refused.add_metric([kind], s.bindings_refused.get(kind, 0))
+        yield refused
+        declared = c.declared
+        yield GaugeMetricFamily("socknet_declared_interfaces",
+                                "Guest interfaces with declared addresses (Proxmox, host.yaml)",
+                                value=len(declared.nics))
+        yield GaugeMetricFamily("socknet_address_conflicts",
+                                "MACs/IPs declared for more than one interface (refused to all)",
+                                value=len(declared.conflicts))
         yield GaugeMetricFamily("socknet_remote_hosts", "Remote hosts learned across the mesh",
                                 value=len(c.remote))
         yield GaugeMetricFamily("socknet_mesh_peers_up",

@@ -21,6 +21,7 @@ from controller.early import EarlyPackets
 from controller.logs import LogBudget, get_logger
 from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
+from topology.addresses import Declarations, Refusal, declarations, learn_refusal
 from topology.config import HostConfig
 from topology.flows import (
     Binding,
@@ -28,6 +29,7 @@ from topology.flows import (
     DesiredState,
     binding_of,
     desired_state,
+    is_declared,
     local_service_ips,
     service_arp_flow,
     service_port_l2_flow,
@@ -41,6 +43,7 @@ from topology.pipeline import (
     check_flow,
 )
 from topology.policy import PROTO_NUMBERS, Policy
+from topology.pve import Guests
 from topology.roles import Role, classify_port, no_role_reason
 
 log = get_logger("socknet.runtime")
@@ -168,14 +171,25 @@ class Stats:
     denied_logged: int = 0
     remote_learned: int = 0  # remote hosts learned or moved (from mesh ARP)
     dropped_logged: int = 0  # `dropped` events (copies of dropped packets, metered)
+    # learned addresses refused, by kind (duplicate, policy-named, not-declared, ...)
+    bindings_refused: dict[str, int] = field(default_factory=dict)
+    pve_reads: int = 0  # guest config sets applied (changes and SIGHUPs)
     last_reconcile: dict[str, float] = field(default_factory=dict)
 
 
 class Controller:
     def __init__(self, cfg: HostConfig, audit_interval_s: float = 30.0,
-                 policy: Policy | None = None, policy_pending: bool = False) -> None:
+                 policy: Policy | None = None, policy_pending: bool = False,
+                 guests: Guests | None = None, guests_pending: bool = False) -> None:
         self.cfg = cfg
         self.policy = policy
+        # the container addresses the authorities declare (host.yaml, Proxmox's configs)
+        self.guests = guests or Guests()
+        # True until Proxmox's guest configs were read once (`set_guests`): nothing is
+        # reconciled before, so no switch loses a container's flows to a late read
+        self.guests_pending = guests_pending
+        self.declared: Declarations = declarations(cfg, self.guests.nics)
+        self._refusals_logged: set[tuple[str, str, str | None]] = set()
         # True until the configured policy is loaded: nothing is reconciled before (the
         # switches keep their flows), so no switch ever runs without its policy.
         self.policy_pending = policy_pending
@@ -259,6 +273,7 @@ class Controller:
             present = set(self._ports.get(self.cfg.bridges.socket.name, {}))
             for name in set(self.bindings) - present:
                 log.info("binding_forgotten", port=name, **vars(self.bindings.pop(name)))
+            self._refusals_logged = {r for r in self._refusals_logged if r[0] in present}
             self._recompute()
             for dpid, session in self._sessions.items():
                 session.bridge = self._bridge_of(dpid) or session.bridge
@@ -300,39 +315,96 @@ class Controller:
             self.policy = policy
             self.policy_pending = False
             self.stats.policy_generation += 1
+            self._revoke_learned()  # an address the new policy names is no longer learnable
             if self._ports is not None:
                 self._recompute()
         self._kick_all()
 
+    def set_guests(self, guests: Guests, reason: str) -> None:
+        """New guest configs read from Proxmox (a change seen by polling, or SIGHUP)."""
+        with self._lock:
+            old = self.declared
+            self.guests = guests
+            self.declared = declarations(self.cfg, guests.nics)
+            changed = self.declared != old or self.guests_pending
+            self.guests_pending = False
+            self.stats.pve_reads += 1
+            if changed:
+                self._revoke_learned()
+                if self._ports is not None:
+                    self._recompute()
+        for problem in guests.problems:
+            log.warning("pve_problem", problem=problem)
+        self.log_conflicts()
+        log.info("pve_read", reason=reason, interfaces=len(self.declared.nics),
+                 changed=changed, conflicts=len(self.declared.conflicts))
+        if changed:
+            self._kick_all()
+
+    def log_conflicts(self) -> None:
+        """One line per address declared for more than one interface (refused to all)."""
+        for c in self.declared.conflicts:
+            log.error("address_conflict", field=c.field, value=c.value, sources=list(c.sources),
+                      action="refused to every interface declaring it")
+
     def learn_binding(self, port_name: str, binding: Binding) -> bool:
-        """A container's addresses, learned once from its first packet. Refuses addresses
-        that another container has declared or learned (a spoofing attempt)."""
+        """A container's addresses, learned once from its first packet, with
+        ``addresses: learn-first-packet`` only. Refused (`learn_refusal`): what another
+        interface declared or learned, what differs from this port's declaration, what the
+        policy names (a tier, an external, a rule's CIDR) unless declared for this port."""
+        if not self.cfg.learning:
+            return False
         with self._lock:
             if port_name in self.bindings:
                 return False
-            taken = {b.mac for b in self.bindings.values()} | {
-                c.mac for c in self.cfg.containers.values() if c.mac}
-            taken_ips = {b.ip for b in self.bindings.values() if b.ip} | {
-                str(c.ip.ip) for c in self.cfg.containers.values() if c.ip}
-            if binding.mac in taken or (binding.ip and binding.ip in taken_ips):
-                log.warning("binding_refused", port=port_name, mac=binding.mac, ip=binding.ip,
-                            reason="address already belongs to another container")
-                return False
-            self.bindings[port_name] = binding
-            if self._ports is not None:
-                self._recompute()
+            refusal = learn_refusal(self.declared, port_name, binding, self.bindings,
+                                    self.policy)
+            if refusal is None:
+                self.bindings[port_name] = binding
+                if self._ports is not None:
+                    self._recompute()
+        if refusal is not None:
+            self._refused(port_name, binding, refusal)
+            return False
         log.info("binding_learned", port=port_name, mac=binding.mac, ip=binding.ip)
         self._kick_all()
         return True
+
+    def _refused(self, port: str, binding: Binding, refusal: Refusal) -> None:
+        """Counted every time; logged once per port and sender (the container keeps sending
+        and every packet comes up again, metered)."""
+        counts = self.stats.bindings_refused
+        counts[refusal.kind] = counts.get(refusal.kind, 0) + 1
+        key = (port, binding.mac, binding.ip)
+        if key not in self._refusals_logged:
+            self._refusals_logged.add(key)
+            log.warning("binding_refused", port=port, mac=binding.mac, ip=binding.ip,
+                        kind=refusal.kind, reason=refusal.reason)
+
+    def _revoke_learned(self) -> None:
+        """Caller holds the lock. Learned bindings that would be refused now (learning
+        turned off, a new declaration, a new policy) are forgotten: their port's flows go
+        back to 'no IPv4 bound'."""
+        for name, b in list(self.bindings.items()):
+            others = {n: x for n, x in self.bindings.items() if n != name}
+            refusal = (Refusal("learning-off", "addresses: declared")
+                       if not self.cfg.learning else
+                       learn_refusal(self.declared, name, b, others, self.policy))
+            if refusal is not None:
+                del self.bindings[name]
+                log.warning("binding_revoked", port=name, mac=b.mac, ip=b.ip,
+                            kind=refusal.kind, reason=refusal.reason)
 
     # ------------------------------------------------------------ internals
     def _recompute(self) -> None:
         """Caller holds the lock. Equal to ``desired_state(..., remote)``, built as its base
         plus the remote hosts' flows (tests/test_remote_learning.py checks that)."""
         assert self._ports is not None
-        base = desired_state(self.cfg, self._ports, self.policy, self.bindings, {})
+        base = desired_state(self.cfg, self._ports, self.policy, self.bindings, {},
+                             self.declared)
         self._local_ips = local_service_ips(
-            self.cfg, self._ports.get(self.cfg.bridges.socket.name, {}), self.bindings)
+            self.cfg, self._ports.get(self.cfg.bridges.socket.name, {}), self.bindings,
+            self.declared)
         self._base = base
         self._remote_flows = {ip: _remote_flow(ip, mac) for ip, (mac, _) in self.remote.items()
                               if ip not in self._local_ips}
@@ -407,8 +479,8 @@ class Controller:
             session = self._sessions.get(dpid)
             desired = self._desired
             bridge = self._bridge_of(dpid)
-        if self.policy_pending:
-            return 0  # the policy is still loading: leave the switch as it is
+        if self.policy_pending or self.guests_pending:
+            return 0  # policy or guest configs not read yet: leave the switch as it is
         if session is None or desired is None or bridge is None or bridge not in desired:
             return 0  # not connected, or OVSDB not read yet: try again on the next event
         started = time.monotonic()
@@ -470,13 +542,13 @@ class Controller:
             port = BoundPort(name, ofport, classify_port(self.cfg, session.bridge, name))
             if port.role.role is not Role.SERVICE:
                 continue
-            binding = binding_of(self.cfg, port, self.bindings)
+            binding = binding_of(self.declared, port, self.bindings)
             if binding is None or binding.ip is None:
                 # not declared, not learned yet: announce it once its first packet taught
                 # us its addresses (a container that moved here undeclared)
                 self._announced.discard((name, ofport))
                 continue
-            declared = bool(self.cfg.container(port.role.vmid or 0).mac)
+            declared = is_declared(self.declared, port, binding)
             if service_port_l2_flow(port, binding, declared).cookie not in (
                     session.installed or set()):
                 # learned while this bundle was on its way (its first packet came before
@@ -534,7 +606,7 @@ class Controller:
         else:
             if self._learnable(name):
                 return False  # the learning flow's copy
-            bound = binding_of(self.cfg, BoundPort(name, in_port, role), self.bindings)
+            bound = binding_of(self.declared, BoundPort(name, in_port, role), self.bindings)
             if bound is not None and pkt.get("eth_src") == bound.mac and (
                     bound.ip is None or pkt.get("sender_ip") == bound.ip):
                 return True  # its own addresses: the learning flow, before its replacement
@@ -575,10 +647,14 @@ class Controller:
                     None)
 
     def _learnable(self, name: str) -> bool:
-        """A container port on vmbr0 whose addresses are not declared and not learned yet."""
+        """With learn-first-packet, a container port on vmbr0 that has no IPv4 bound yet
+        (not declared, not learned) and whose declaration was not refused."""
+        if not self.cfg.learning:
+            return False
         role = classify_port(self.cfg, self.cfg.bridges.socket.name, name)
+        d = self.declared.of_port(name)
         return (role.role in (Role.SERVICE, Role.PRIVACY) and name not in self.bindings
-                and not self.cfg.container(role.vmid or 0).mac)
+                and (d is None or (d.ipv4 is None and d.refused is None)))
 
     def _take_early(self, old_ports: dict[str, dict[str, int]]) -> list[tuple[str, Binding]]:
         """Caller holds the lock. Container ports new in OVSDB whose first packets came
@@ -646,7 +722,8 @@ class Controller:
         bridge = self.cfg.bridges.socket.name
         session = self.session_for(bridge)
         if (self._base is None or bridge not in self._base or session is None
-                or session.installed is None or self.policy_pending or ip in self._local_ips):
+                or session.installed is None or self.policy_pending or self.guests_pending
+                or ip in self._local_ips):
             return None
         new = _remote_flow(ip, mac)
         stale = self._remote_flows.get(ip)
@@ -680,9 +757,18 @@ class Controller:
             changed = False
             for ofport, binding in found_bindings.items():
                 name = by_ofport.get(ofport)
-                if name is not None and name not in self.bindings:
-                    self.bindings[name] = binding
-                    changed = True
+                if name is None or name in self.bindings or not self._learnable(name):
+                    continue
+                # what the switch remembers is checked like a packet: the policy, the
+                # declarations or the mode may have changed while socknet was down
+                refusal = learn_refusal(self.declared, name, binding, self.bindings,
+                                        self.policy)
+                if refusal is not None:
+                    log.warning("binding_not_adopted", port=name, mac=binding.mac,
+                                ip=binding.ip, kind=refusal.kind, reason=refusal.reason)
+                    continue
+                self.bindings[name] = binding
+                changed = True
             now = time.monotonic()
             for ip, mac in found_remote.items():
                 if ip not in self.remote:

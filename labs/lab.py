@@ -66,7 +66,8 @@ class SocketLab:
                  privacy_ids: tuple[int, ...] = PRIVACY_IDS,
                  service_ids: tuple[int, ...] = SERVICE_IDS,
                  mesh_uplinks: tuple[str, ...] = ("nm-privacy",),
-                 mtu: int | None = None, tls_dir: Path | None = None) -> None:
+                 mtu: int | None = None, tls_dir: Path | None = None,
+                 addresses: str = "learn-first-packet") -> None:
         if len(prefix) > 8:
             raise ValueError("prefix must be at most 8 characters (interface name limits)")
         self.prefix = prefix
@@ -81,6 +82,13 @@ class SocketLab:
         # controller-cert.pem, switch-key.pem, switch-cert.pem and ca-cert.pem
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         self.undeclared: set[int] = set()  # containers host.yaml does not declare
+        self.mac_only: set[int] = set()  # containers host.yaml declares with a MAC alone
+        # The lab's containers come and go undeclared (moves, new ports): it learns their
+        # addresses from their first packets, as host.yaml says explicitly (socknet's
+        # default is "declared"). Its Proxmox directory is its own (empty until a test
+        # writes a guest config there), never the machine's /etc/pve.
+        self.addresses = addresses
+        self.pve_dir = self.workdir / "pve"
         self.host = f"{prefix}h"
         self.mesh_ns = f"{prefix}m"
         self.exit_ns = f"{prefix}x"
@@ -112,8 +120,9 @@ class SocketLab:
         containers = "\n".join(
             f'  {vmid}: {{mac: "{container_mac(vmid)}", ip: {self.container_ip(vmid)}/24}}'
             for vmid in (*self.privacy_ids, *self.service_ids)
-            if vmid not in self.undeclared
-        )
+            if vmid not in self.undeclared | self.mac_only
+        ) + "".join(f'\n  {vmid}: {{mac: "{container_mac(vmid)}"}}'
+                    for vmid in sorted(self.mac_only))
         uplinks = ", ".join(json.dumps(u) for u in self.mesh_uplinks)
         return (
             f"host: {self.prefix}\n"
@@ -124,7 +133,17 @@ class SocketLab:
             f"  mesh: {{name: mesh, uplinks: [{uplinks}], to_socket: to-socket}}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
             f"containers:\n{containers}\n"
+            f"addresses: {self.addresses}\n"
+            f"pve: {{dir: '{self.pve_dir}', poll_s: 0.5}}\n"
         )
+
+    def write_guest_config(self, path: str, text: str) -> None:
+        """Write ``<pve dir>/<path>`` (e.g. ``lxc/205.conf``) as pmxcfs shows it: whole."""
+        target = self.pve_dir / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
 
     def _controller_yaml(self) -> str:
         if self.tls_dir is None:
@@ -159,6 +178,8 @@ class SocketLab:
     def start_host(self) -> None:
         """The host namespace, its private OVS, host.yaml and ``socknet bootstrap``."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for sub in ("lxc", "qemu-server"):  # a mounted pmxcfs always shows both
+            (self.pve_dir / sub).mkdir(parents=True, exist_ok=True)
         nsl.create_netns(self.host)
         nsl.disable_ipv6(self.host)
         self.ovs.start()

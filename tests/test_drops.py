@@ -22,10 +22,12 @@ from topology.counters import FlowCount, drop_counters, rule_counters
 from topology.drops import DROP_REASONS, drop_reason_at, reasons_of
 from topology.flows import desired_state
 from topology.model import Ct, Output, OutputReg, Resubmit, ToController
-from topology.pipeline import METER_DROP, METER_RATES, PIPELINES, SOCKET_PIPELINE
+from topology.pipeline import METER_DROP, METER_LEARN, METER_RATES, PIPELINES, SOCKET_PIPELINE
 
 HOST = """
 host: unit
+addresses: learn-first-packet
+pve: null
 bridges:
   mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}
   socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}
@@ -77,7 +79,8 @@ def test_spoof_drop_sends_a_copy_through_its_own_meter() -> None:
     cfg = parse_host_config(HOST)
     t = SOCKET_PIPELINE["spoof_guard"]
     drops = [f for f in desired_state(cfg, PORTS)["vmbr0"]
-             if (f.table, f.priority) == (t, 10) and "unknown" not in f.note]
+             if (f.table, f.priority) == (t, 10)
+             and ToController(meter=METER_LEARN) not in f.actions]
     assert {f.match_dict["in_port"] for f in drops} == {3, 4}  # the declared containers
     for f in drops:
         assert f.actions == (ToController(meter=METER_DROP),)
@@ -101,7 +104,8 @@ def test_counters_from_flow_counts() -> None:
     drops = drop_counters("socket", counts)
     assert drops["no_role"] == (7, 700) and drops["spoofed_source"] == (4, 400)
     assert set(drops) == {r.name for r in reasons_of("socket")}  # zeros listed too
-    assert drop_counters("mesh", [FlowCount(0, 0, 2, 120)]) == {"no_role": (2, 120)}
+    assert drop_counters("mesh", [FlowCount(0, 0, 2, 120)]) == {"no_role": (2, 120),
+                                                              "invalid_source_mac": (0, 0)}
 
 
 DUMP = "\n".join(" " + line for line in (

@@ -459,6 +459,7 @@ def test_flow_with_two_conjunction_ids():
 
 HOST = """
 datapath_type: netdev
+addresses: learn-first-packet  # these containers are learned
 bridges:
   mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}
   socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}

@@ -371,13 +371,14 @@ def _sim_decision(switch: Switch, pkt: Packet, out_port: int) -> tuple[str, int 
     return ("allow" if out_port in result.ports else "deny"), rule_id
 
 
-def bound_flows(policy: Policy) -> frozenset[Flow]:
-    """vmbr0's flows as in `PolicySimulator`, but the container's MAC is known: its
-    replies pass spoof_guard."""
+def bound_flows(policy: Policy, ip: str) -> frozenset[Flow]:
+    """vmbr0's flows as in `PolicySimulator`, but the container's addresses are known
+    (its MAC and ``ip``, the address the probe opens a connection to): its replies pass
+    spoof_guard. (A MAC alone allows no IP source, issue 11.)"""
     host = parse_host_config("bridges: {mesh: {}, socket: {}}\n")
     ports = {"vmbr0": {"from-mesh": MESH_PORT, "veth200": SERVICE_PORT}}
     return desired_state(host, ports, policy,
-                         learned={"veth200": Binding(CONTAINER_MAC)})["vmbr0"]
+                         learned={"veth200": Binding(CONTAINER_MAC, ip)})["vmbr0"]
 
 
 def committed(trace: OvsTrace, before: tuple[int, int] = (0, 0)) -> tuple[int, int]:
@@ -396,9 +397,9 @@ def test_replies_of_allowed_connections(name: str, make_bridge) -> None:
     """A reply (+est+rpl) passes policy_state without the rules; without the connection
     it is evaluated like any first packet (and, with a default deny, dropped)."""
     policy = parse_policy(POLICIES[name][0], f"<{name}>")
-    flows = bound_flows(policy)
-    bridge = make_bridge(f"{name}r", flows)
-    for probe in REPLY_PROBES[name]:
+    for i, probe in enumerate(REPLY_PROBES[name]):
+        flows = bound_flows(policy, probe[1])
+        bridge = make_bridge(f"{name}r{i}", flows)
         fwd = first_packet(*probe)
         reply = fwd.reply(SERVICE_PORT, src_mac=CONTAINER_MAC)
         sim = Switch(flows, ports={MESH_PORT, SERVICE_PORT})
@@ -439,7 +440,7 @@ def test_a_new_deny_cuts_a_live_connection_and_a_new_allow_restores_it(make_brid
     before = parse_policy(EXAMPLE_POLICY)
     after = parse_policy("\n".join(line for line in EXAMPLE_POLICY.splitlines()
                                    if "web-in" not in line))
-    flows_before, flows_after = bound_flows(before), bound_flows(after)
+    flows_before, flows_after = bound_flows(before, "10.10.0.5"), bound_flows(after, "10.10.0.5")
     br_before, br_after = make_bridge("cutA", flows_before), make_bridge("cutB", flows_after)
     fwd = first_packet("8.8.8.8", "10.10.0.5", "tcp", 443)
     reply = fwd.reply(SERVICE_PORT, src_mac=CONTAINER_MAC)

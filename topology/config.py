@@ -275,6 +275,20 @@ class ContainerCfg(_Strict):
             raise ValueError(f"{value!r} is not an IPv4 address or CIDR: {exc}") from None
 
 
+class PveCfg(_Strict):
+    """Proxmox's guest configs, the authority on container addresses (see topology.pve)."""
+
+    dir: str = "/etc/pve"  # absent (a lab, a non-Proxmox host): host.yaml declares alone
+    poll_s: float = Field(default=2.0, ge=0.2, le=600)  # pmxcfs is FUSE: no inotify
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
+
 class HostConfig(_Strict):
     host: str = "localhost"
     ovsdb: str = "unix:/var/run/openvswitch/db.sock"
@@ -282,7 +296,11 @@ class HostConfig(_Strict):
     controller: ControllerCfg = ControllerCfg()
     metrics: MetricsCfg = MetricsCfg()
     bridges: BridgesCfg
-    containers: dict[int, ContainerCfg] = Field(default_factory=dict)
+    containers: dict[int, ContainerCfg] = Field(default_factory=dict)  # wins over pve
+    pve: PveCfg | None = PveCfg()  # null: no Proxmox authority
+    # declared: only addresses from pve/containers; learn-first-packet: also bind an
+    # undeclared container to its first packet's addresses (never a policy-named one)
+    addresses: Literal["declared", "learn-first-packet"] = "declared"
     policy: str | None = None
 
     @field_validator("ovsdb")
@@ -304,6 +322,10 @@ class HostConfig(_Strict):
 
     def container(self, vmid: int) -> ContainerCfg:
         return self.containers.get(vmid, ContainerCfg())
+
+    @property
+    def learning(self) -> bool:
+        return self.addresses == "learn-first-packet"
 
 
 def load_host_config(path: str | Path) -> HostConfig:

@@ -40,6 +40,9 @@ DROP_REASONS: tuple[DropReason, ...] = (
                (DropPoint("mesh", "mesh_isolation", 0), DropPoint("socket", "classify", 0))),
     DropReason("spoofed_source", "a container sent with a MAC or IPv4 not its own (or "
                "before its addresses were known)", (DropPoint("socket", "spoof_guard", 10),)),
+    DropReason("invalid_source_mac", "a frame with a multicast, broadcast or zero source MAC "
+               "(never valid, never learned)",
+               (DropPoint("mesh", "mesh_isolation", 110), DropPoint("socket", "spoof_guard", 40))),
     DropReason("kill_switch", "privacy container traffic with no WARP port to leave by",
                (DropPoint("socket", "privacy_egress", 0), DropPoint("socket", "privacy_ct", 0))),
 )

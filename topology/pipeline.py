@@ -97,7 +97,8 @@ MESH_PIPELINE = Pipeline(
     role="mesh",
     tables=(
         _t(0, "mesh_isolation", "mesh uplink(s) -> to-socket (learning which peer each MAC "
-           "is behind), to-socket -> mesh_l2; everything else dropped", ["in_port"]),
+           "is behind), to-socket -> mesh_l2; multicast and zero source MACs and everything "
+           "else dropped", ["in_port", "eth_src"]),
         _t(1, "mesh_l2", "from to-socket: a learned MAC goes to its peer's uplink only, "
            "unknown destinations to every uplink; never back into the mesh", ["eth_dst"]),
     ),
@@ -106,11 +107,15 @@ MESH_PIPELINE = Pipeline(
 SOCKET_PIPELINE = Pipeline(
     role="socket",
     tables=(
-        _t(0, "classify", "tag the ingress port's class in reg0, learn container MACs; "
-           "unknown ports dropped (a copy to the controller, rate-limited: a new port's first "
-           "packets can arrive before its flows)", ["in_port"]),
-        _t(10, "spoof_guard", "containers may only send with their own MAC and IPv4 "
-           "(declared, or learned once through the controller); anything else dropped",
+        _t(0, "classify", "tag the ingress port's class in reg0 (nothing is learned here); "
+           "unknown ports dropped (with learn-first-packet a copy to the controller, "
+           "rate-limited: a new port's first packets can arrive before its flows)",
+           ["in_port"]),
+        _t(10, "spoof_guard", "containers may only send with their bound MAC and IPv4 "
+           "(declared by Proxmox or host.yaml, or learned once through the controller with "
+           "learn-first-packet); multicast/zero source MACs dropped; the only MAC learning, "
+           "on frames that passed: a privacy container its bound MAC, from-mesh and gateway "
+           "any MAC but a local container's",
            ("in_port", REG_CLASS, "eth_src", "eth_type", "ipv4_src", "arp_spa", "arp_sha")),
         _t(20, "policy_entry", "service, mesh and gateway IPv4 into conntrack (zone 2); "
            "everything else goes on", (REG_CLASS, "eth_type")),
@@ -135,14 +140,14 @@ SOCKET_PIPELINE = Pipeline(
            "privacy replies towards the mesh", ("eth_type", "ipv4_dst")),
         _t(38, "privacy_lookup", "mesh/WARP traffic: look up which privacy container owns "
            "eth_dst (reg1)", (REG_CLASS,)),
-        _t(40, "privacy_hosts", "privacy container MAC -> port (declared or learned), "
-           "loaded into reg1", ("eth_dst",)),
+        _t(40, "privacy_hosts", "privacy container MAC -> port (declared, or learned from "
+           "its bound MAC in spoof_guard), loaded into reg1", ("eth_dst",)),
         _t(42, "privacy_deliver", "deliver to the privacy container in reg1 (mesh: commit "
            "to conntrack); misses from the mesh go to service switching",
            (REG_CLASS, REG_OUT, "eth_dst", "eth_type")),
         _t(50, "service_l2", "service containers + from-mesh: each local service "
-           "container's MAC (declared or learned) to its port, above learned MAC switching; "
-           "flood to service ports and from-mesh only", ("eth_dst",)),
+           "container's bound MAC to its port, above the MACs learned behind from-mesh and "
+           "the gateway; flood to service ports, gateway and from-mesh only", ("eth_dst",)),
     ),
 )
 

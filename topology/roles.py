@@ -11,7 +11,8 @@ from topology.config import HostConfig, IdRange
 
 # seed style veth100 / veth100i0, Proxmox tap<vmid>i<n> (VMs) and fwln<vmid>o<n> (firewall on)
 _CONTAINER_PORT = re.compile(
-    r"^(?:veth(?P<veth>\d+)(?:i\d+)?|tap(?P<tap>\d+)i\d+|fwln(?P<fwln>\d+)o\d+)$"
+    r"^(?:veth(?P<veth>\d+)(?:i(?P<vethi>\d+))?|tap(?P<tap>\d+)i(?P<tapi>\d+)"
+    r"|fwln(?P<fwln>\d+)o(?P<fwlni>\d+))$"
 )
 
 
@@ -33,10 +34,21 @@ class PortRole:
 
 
 def container_vmid(name: str) -> int | None:
+    key = nic_key(name)
+    return key[0] if key else None
+
+
+def nic_key(name: str) -> tuple[int, int] | None:
+    """(vmid, interface index) of a guest's host-side port: Proxmox's netN is
+    veth<vmid>i<N> / tap<vmid>i<N> / fwln<vmid>o<N>; the seed's veth<vmid> is net0."""
     m = _CONTAINER_PORT.match(name)
     if not m:
         return None
-    return int(next(g for g in m.groups() if g is not None))
+    g = m.groupdict()
+    for kind in ("veth", "tap", "fwln"):
+        if g[kind] is not None:
+            return int(g[kind]), int(g[f"{kind}i"] or 0)
+    return None
 
 
 def classify_port(cfg: HostConfig, bridge: str, name: str) -> PortRole:
