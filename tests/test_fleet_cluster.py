@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from controller.cli import main
 from labs.fleet_lab import FleetLab, SimHost, wait_for
+from labs.waiting import eventually
 from topology.fleet import EndpointDelta, EndpointRecord
 
 pytestmark = pytest.mark.ovs
@@ -218,6 +219,14 @@ def test_client_publishes_a_diff_and_others_get_deltas(lab: FleetLab,
     b_status = lab.select("Host_Status", [["name", "==", "host5"]])
     assert b_status and b.client.own_status() is not None
     assert len(b.client.idl.tables["Host_Status"].rows) == 1
+    # a record as a caller may build it (unsorted addresses, upper-case MAC) is written
+    # once, not rewritten on every pass
+    raw = EndpointRecord("host4", "02:00:00:AB:00:01", 300, ("10.0.0.3", "10.0.0.20"))
+    a.client.publish([raw])
+    wait_for(lambda: a.client.in_sync, "a in sync")
+    commits = a.client.stats.commits_ok
+    a.client.wakeup()
+    assert not eventually(lambda: a.client.stats.commits_ok > commits + 2, 1.0)  # heartbeats
     a.client.publish([])
     wait_for(lambda: not lab.select("Endpoint", where), "a withdrew everything")
 

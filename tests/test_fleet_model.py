@@ -59,6 +59,18 @@ def test_endpoint_refuses_what_the_directory_must_not_hold(kw: dict[str, object]
         EndpointRecord.make(**args)  # type: ignore[arg-type]
 
 
+def test_records_normalize_to_what_the_directory_gives_back() -> None:
+    raw = EndpointRecord("h1", "02:AA:00:00:00:01", 7, ("10.0.0.20", "10.0.0.3", "10.0.0.3"))
+    assert raw.normalized() == EndpointRecord.make("h1", "02:aa:00:00:00:01", 7,
+                                                   ["10.0.0.3", "10.0.0.20"])
+    host = HostRecord("h1", "key", ("100.64.0.2", "100.64.0.1"))
+    assert host.normalized().mesh_addresses == ("100.64.0.1", "100.64.0.2")
+    with pytest.raises(FleetRecordError, match="WireGuard"):
+        HostRecord("h1", "").normalized()
+    with pytest.raises(FleetRecordError):
+        HostRecord("h1", "k", ("nope",)).normalized()
+
+
 def test_claimed_at_is_not_content() -> None:
     assert ep(1, claimed_at=5) == ep(1, claimed_at=9)
 

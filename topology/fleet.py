@@ -102,6 +102,12 @@ class EndpointRecord:
             raise FleetRecordError(f"{host} {mac}: {exc}") from None
         return cls(host, mac, vmid, v4, v6, port_class, source, claimed_at)
 
+    def normalized(self) -> EndpointRecord:
+        """The same record validated and in canonical form (as read back from the
+        directory): compare only canonical records, or every publish rewrites rows."""
+        return EndpointRecord.make(self.host, self.mac, self.vmid, self.ipv4, self.ipv6,
+                                   self.port_class, self.source, self.claimed_at)
+
 
 @dataclass(frozen=True)
 class HostRecord:
@@ -111,6 +117,17 @@ class HostRecord:
     wg_public_key: str
     mesh_addresses: tuple[str, ...] = ()
     version: str = ""
+
+    def normalized(self) -> HostRecord:
+        """Validated, addresses canonical and sorted (as read back from the directory)."""
+        check_host_name(self.name)
+        try:
+            addrs = tuple(sorted({str(ipaddress.ip_address(a)) for a in self.mesh_addresses}))
+        except ValueError as exc:
+            raise FleetRecordError(f"{self.name}: {exc}") from None
+        if not self.wg_public_key:
+            raise FleetRecordError(f"{self.name}: no WireGuard public key")
+        return replace(self, mesh_addresses=addrs)
 
 
 @dataclass(frozen=True)
@@ -227,7 +244,7 @@ def delta(before: Mapping[str, EndpointRecord], after: Mapping[str, EndpointReco
             added.append(new)
         elif old is not None and new is None:
             removed.append(old)
-        elif old is not None and new is not None and (old != new or old.key != new.key):
+        elif old is not None and new is not None and old != new:
             changed.append((old, new))
     return EndpointDelta(tuple(sorted(added)), tuple(sorted(removed)),
                          tuple(sorted(changed)), full_sync)

@@ -180,7 +180,7 @@ class FleetClient:
             reconnect.set_backoff(RECONNECT_MIN_BACKOFF_MS, RECONNECT_MAX_BACKOFF_MS)
         self.stats = FleetClientStats()
         self._lock = threading.Lock()  # guards the desired state and the mirrors below
-        self._host = host
+        self._host = host.normalized()
         self._endpoints: frozenset[EndpointRecord] | None = None  # None: never published
         self._report: ApplyReport | None = None
         self._delta_cbs: list[tuple[DeltaCallback, bool]] = []
@@ -207,7 +207,7 @@ class FleetClient:
 
     def publish(self, endpoints: Iterable[EndpointRecord]) -> None:
         """This host's endpoints, all of them: rows not in the set are withdrawn."""
-        records = frozenset(endpoints)
+        records = frozenset(r.normalized() for r in endpoints)
         plan_publish(self.name, (), records)  # FleetRecordError now, not in the loop
         with self._lock:
             self._endpoints = records
@@ -218,6 +218,7 @@ class FleetClient:
         """New identity columns (mesh addresses, WireGuard key, version); same name."""
         if host.name != self.name:
             raise ValueError(f"host name is fixed: {self.name!r}, not {host.name!r}")
+        host = host.normalized()
         with self._lock:
             self._host = host
             self._dirty = True
