@@ -168,6 +168,7 @@ class FleetClient:
     def __init__(self, remotes: str, host: HostRecord, *,
                  tls: tuple[Path, Path, Path] | None = None, heartbeat_s: float = 10.0,
                  schema_path: Path = SCHEMA_PATH) -> None:
+        host = host.normalized()
         if tls is not None:
             remotes = remotes_with_identity(remotes, *tls)
         self.name = host.name
@@ -180,7 +181,7 @@ class FleetClient:
             reconnect.set_backoff(RECONNECT_MIN_BACKOFF_MS, RECONNECT_MAX_BACKOFF_MS)
         self.stats = FleetClientStats()
         self._lock = threading.Lock()  # guards the desired state and the mirrors below
-        self._host = host.normalized()
+        self._host = host
         self._endpoints: frozenset[EndpointRecord] | None = None  # None: never published
         self._report: ApplyReport | None = None
         self._delta_cbs: list[tuple[DeltaCallback, bool]] = []
@@ -453,6 +454,7 @@ class FleetClient:
             log.error("fleet policy generation %d: text does not match its sha256; refused",
                       gen.generation)
             self._report = ApplyReport(gen.generation, "text does not match its sha256")
+            self._dirty = True
             return []
         self.stats.policies_delivered += 1
         return [(cb, gen) for cb in self._policy_cbs]
