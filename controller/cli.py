@@ -449,5 +449,15 @@ def status(cfg: HostConfig, as_json: bool) -> None:
         sys.exit(EXIT_FAILED)
 
 
+def _add_fleet_commands() -> None:
+    from controller.fleet.cli import fleet, policy
+
+    main.add_command(fleet)
+    main.add_command(policy)
+
+
+_add_fleet_commands()
+
+
 if __name__ == "__main__":
     main()
