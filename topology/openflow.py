@@ -1,0 +1,609 @@
+"""The OpenFlow vocabulary socknet speaks, declared once. No I/O, no os-ken.
+
+`FIELDS` holds every match field the model may use, one `Field` each: its model name
+(the key of `Flow.match` and of `SetField`; os-ken's OXM name), the width and value
+kind OVS gives it, whether it can be masked or written, its prerequisites, its NXM and
+OXM names, the os-ken names the encoder needs and its ``ovs-ofctl`` spelling. The
+encoder (controller/encode.py), the renderer (render.py), the simulator (simulate.py)
+and the pipeline declaration (pipeline.py) all read it. Also here, once: EtherTypes
+and IP protocol numbers, the one parser of NXM subfields ("NXM_NX_REG1[0..15]") and
+the one check of what OVS refuses in a whole flow (`check_flow`).
+
+Adding a field is one `Field` entry below plus, for the simulator, the packet header
+that carries it (`topology.simulate.Packet`); tests/test_openflow_table.py then
+encodes, renders and decodes a flow matching it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from topology.model import (
+    CT_STATE_BITS,
+    Ct,
+    Flow,
+    Learn,
+    LearnSpec,
+    MatchValue,
+    MoveField,
+    Output,
+    OutputReg,
+    Resubmit,
+    SetField,
+    SetReg,
+    ToController,
+)
+
+# ---------------------------------------------------------------- protocol numbers
+
+ETH_IPV4 = 0x0800
+ETH_ARP = 0x0806
+ETH_RARP = 0x8035
+ETH_IPV6 = 0x86DD
+IP_ETH_TYPES = (ETH_IPV4, ETH_IPV6)
+
+IP_PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
+IP_PROTO_NAMES = {number: name for name, number in IP_PROTOS.items()}
+
+# ---------------------------------------------------------------- limits OVS enforces
+
+MAX_TABLE = 254
+MAX_PRIORITY = 0xFFFF
+MAX_METER = 0xFFFF0000  # OFPM_MAX
+MAX_CONJ_CLAUSES = 64
+MAX_CONJ_ID = 0xFFFFFFFF
+MAX_CT_ZONE = 0xFFFF
+CT_LABEL_MASK = 0xFFFFFFFF  # Ct.label: the low 32 bits of the 128-bit ct_label are written
+# the reserved ports an Output may name (OVS knows more; these are the ones we model)
+RESERVED_PORTS = ("IN_PORT", "ALL", "FLOOD", "CONTROLLER", "LOCAL")
+
+
+class FlowError(ValueError):
+    """A flow OVS would refuse (or, in the simulator, a flow set whose outcome depends
+    on install order)."""
+
+
+# ---------------------------------------------------------------- fields
+
+ValueKind = Literal["int", "mac", "ipv4"]
+# each prerequisite: the field's value (0 when it is not matched, as OVS reads it) must
+# be one of these
+Prereqs = tuple[tuple[str, frozenset[int]], ...]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One match field. ``width`` is what OVS gives it: NXM_OF_IN_PORT is 16 bits
+    (OXM in_port is 32 on the wire, OVS ports fit 16)."""
+
+    name: str  # model name = os-ken OXM name, except where ``oskn`` says otherwise
+    width: int
+    nxm: str  # NXM name, as ovs-ofctl prints subfields: "NXM_OF_ETH_SRC"
+    nxm_field: str  # os-ken name of the NXM field: subfields keep the NXM width
+    ofctl: str  # ovs-ofctl spelling: "dl_src"
+    oxm: str = ""  # OXM name ("" for Nicira-only fields such as registers)
+    kind: ValueKind = "int"
+    maskable: bool = True
+    writable: bool = True
+    prereqs: Prereqs = ()
+    oskn: str = ""  # os-ken name in OFPMatch and OFPActionSetField, when not ``name``
+
+    @property
+    def full(self) -> int:
+        return (1 << self.width) - 1
+
+    @property
+    def oskn_name(self) -> str:
+        return self.oskn or self.name
+
+
+def _is(field: str, *values: int) -> Prereqs:
+    return ((field, frozenset(values)),)
+
+
+ARP = _is("eth_type", ETH_ARP, ETH_RARP)
+IPV4 = _is("eth_type", ETH_IPV4)
+IP = _is("eth_type", ETH_IPV4, ETH_IPV6)
+TCP = (*IP, *_is("ip_proto", IP_PROTOS["tcp"]))
+UDP = (*IP, *_is("ip_proto", IP_PROTOS["udp"]))
+ICMPV4 = (*IPV4, *_is("ip_proto", IP_PROTOS["icmp"]))
+
+NUM_REGISTERS = 8
+
+_FIELD_LIST = (
+    # OVS refuses set_field on OXM in_port (OFPBAC_BAD_SET_ARGUMENT); socknet never writes it
+    Field("in_port", 16, "NXM_OF_IN_PORT", "in_port_nxm", "in_port", "OXM_OF_IN_PORT",
+          maskable=False, writable=False),
+    Field("eth_dst", 48, "NXM_OF_ETH_DST", "eth_dst_nxm", "dl_dst", "OXM_OF_ETH_DST", "mac"),
+    Field("eth_src", 48, "NXM_OF_ETH_SRC", "eth_src_nxm", "dl_src", "OXM_OF_ETH_SRC", "mac"),
+    Field("eth_type", 16, "NXM_OF_ETH_TYPE", "eth_type_nxm", "dl_type", "OXM_OF_ETH_TYPE",
+          maskable=False, writable=False),
+    Field("arp_op", 16, "NXM_OF_ARP_OP", "arp_op_nxm", "arp_op", "OXM_OF_ARP_OP",
+          maskable=False, prereqs=ARP),
+    Field("arp_spa", 32, "NXM_OF_ARP_SPA", "arp_spa_nxm", "arp_spa", "OXM_OF_ARP_SPA", "ipv4",
+          prereqs=ARP),
+    Field("arp_tpa", 32, "NXM_OF_ARP_TPA", "arp_tpa_nxm", "arp_tpa", "OXM_OF_ARP_TPA", "ipv4",
+          prereqs=ARP),
+    Field("arp_sha", 48, "NXM_NX_ARP_SHA", "arp_sha_nxm", "arp_sha", "OXM_OF_ARP_SHA", "mac",
+          prereqs=ARP),
+    Field("arp_tha", 48, "NXM_NX_ARP_THA", "arp_tha_nxm", "arp_tha", "OXM_OF_ARP_THA", "mac",
+          prereqs=ARP),
+    Field("ipv4_src", 32, "NXM_OF_IP_SRC", "ipv4_src_nxm", "nw_src", "OXM_OF_IPV4_SRC", "ipv4",
+          prereqs=IPV4),
+    Field("ipv4_dst", 32, "NXM_OF_IP_DST", "ipv4_dst_nxm", "nw_dst", "OXM_OF_IPV4_DST", "ipv4",
+          prereqs=IPV4),
+    Field("ip_proto", 8, "NXM_OF_IP_PROTO", "ip_proto_nxm", "nw_proto", "OXM_OF_IP_PROTO",
+          maskable=False, writable=False, prereqs=IP),
+    Field("tcp_src", 16, "NXM_OF_TCP_SRC", "tcp_src_nxm", "tcp_src", "OXM_OF_TCP_SRC",
+          prereqs=TCP),
+    Field("tcp_dst", 16, "NXM_OF_TCP_DST", "tcp_dst_nxm", "tcp_dst", "OXM_OF_TCP_DST",
+          prereqs=TCP),
+    Field("udp_src", 16, "NXM_OF_UDP_SRC", "udp_src_nxm", "udp_src", "OXM_OF_UDP_SRC",
+          prereqs=UDP),
+    Field("udp_dst", 16, "NXM_OF_UDP_DST", "udp_dst_nxm", "udp_dst", "OXM_OF_UDP_DST",
+          prereqs=UDP),
+    Field("icmpv4_type", 8, "NXM_OF_ICMP_TYPE", "icmpv4_type_nxm", "icmp_type",
+          "OXM_OF_ICMPV4_TYPE", maskable=False, prereqs=ICMPV4),
+    Field("icmpv4_code", 8, "NXM_OF_ICMP_CODE", "icmpv4_code_nxm", "icmp_code",
+          "OXM_OF_ICMPV4_CODE", maskable=False, prereqs=ICMPV4),
+    Field("ct_state", 32, "NXM_NX_CT_STATE", "ct_state", "ct_state", writable=False),
+    Field("ct_zone", 16, "NXM_NX_CT_ZONE", "ct_zone", "ct_zone", maskable=False,
+          writable=False),
+    Field("ct_mark", 32, "NXM_NX_CT_MARK", "ct_mark", "ct_mark",
+          writable=False),  # only ct(exec(...)) writes it
+    Field("ct_label", 128, "NXM_NX_CT_LABEL", "ct_label", "ct_label", writable=False),
+    Field("conj_id", 32, "NXM_NX_CONJ_ID", "conj_id", "conj_id", maskable=False,
+          writable=False),
+    *(Field(f"reg{i}", 32, f"NXM_NX_REG{i}", f"reg{i}", f"reg{i}")
+      for i in range(NUM_REGISTERS)),
+)
+FIELDS: dict[str, Field] = {f.name: f for f in _FIELD_LIST}
+BY_NXM: dict[str, Field] = {f.nxm: f for f in _FIELD_LIST}
+REGISTERS = tuple(f"reg{i}" for i in range(NUM_REGISTERS))
+_REGISTER_FIELDS = {name: FIELDS[name] for name in REGISTERS}
+CT_FIELDS = ("ct_state", "ct_zone", "ct_mark", "ct_label")
+# fields whose value the whole-flow check reads (prerequisites, ct's +inv)
+_READ_BY_CHECKS = frozenset({n for f in _FIELD_LIST for n, _ in f.prereqs} | {"ct_state"})
+# fields of which `check_flow` need not read any value (not those, no prerequisites),
+# and whether they are maskable
+_QUIET_FIELDS = {f.name: f.maskable for f in _FIELD_LIST
+                 if not f.prereqs and f.name not in _READ_BY_CHECKS}
+
+
+def field(name: str) -> Field:
+    """The field named ``name`` in a match or a set_field (model name: "eth_src")."""
+    found = FIELDS.get(name)
+    if found is None:
+        raise FlowError(f"unknown field {name!r}")
+    return found
+
+
+def register(name: str) -> Field:
+    """A register named by SetReg/OutputReg ("reg1")."""
+    found = _REGISTER_FIELDS.get(name)
+    if found is None:
+        raise FlowError(f"{name!r} is not one of reg0..reg{NUM_REGISTERS - 1}")
+    return found
+
+
+# ---------------------------------------------------------------- subfields
+
+_SUBFIELD_RE = re.compile(
+    r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\[(?:(?P<a>\d+)(?:\.\.(?P<b>\d+))?)?\]$")
+_IMMEDIATE_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]+|\d+)$")
+
+
+@dataclass(frozen=True)
+class Subfield:
+    """Bits ``start .. start+nbits-1`` of a field (by model name)."""
+
+    field: str
+    start: int
+    nbits: int
+
+    @property
+    def mask(self) -> int:
+        return ((1 << self.nbits) - 1) << self.start
+
+    @property
+    def spec(self) -> Field:
+        return FIELDS[self.field]
+
+
+def parse_subfield(text: str) -> Subfield:
+    """ "NXM_NX_REG1[0..15]" / "NXM_NX_REG1[3]" / "NXM_OF_ETH_SRC[]" / "reg1[]" -> Subfield.
+
+    The name is an NXM name or a model name; either way the field's own width applies
+    (NXM_OF_IN_PORT[] is 16 bits)."""
+    m = _SUBFIELD_RE.match(text.strip())
+    if m is None:
+        raise FlowError(f"bad subfield {text!r}: expected NAME[], NAME[a..b] or NAME[a]")
+    spec = BY_NXM.get(m["name"]) or FIELDS.get(m["name"])
+    if spec is None:
+        raise FlowError(f"unknown field {m['name']!r} in {text!r}")
+    start = int(m["a"]) if m["a"] is not None else 0
+    end = int(m["b"]) if m["b"] is not None else (start if m["a"] is not None else spec.width - 1)
+    if not 0 <= start <= end < spec.width:
+        raise FlowError(f"bad bit range in {text!r}: {spec.name} is {spec.width} bits")
+    return Subfield(spec.name, start, end - start + 1)
+
+
+def is_immediate(text: str) -> bool:
+    """A learn source that is a number ("0x800"), not a subfield."""
+    return bool(_IMMEDIATE_RE.match(text.strip()))
+
+
+# ---------------------------------------------------------------- values
+
+
+def mac_to_int(mac: str) -> int:
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", p) for p in parts):
+        raise FlowError(f"{mac!r} is not a MAC address")
+    return int("".join(p.zfill(2) for p in parts), 16)
+
+
+def int_to_mac(value: int) -> str:
+    return ":".join(f"{(value >> s) & 0xFF:02x}" for s in range(40, -8, -8))
+
+
+def _ip_to_int(text: str, version: int) -> int:
+    try:
+        return int(ipaddress.IPv4Address(text) if version == 4 else ipaddress.IPv6Address(text))
+    except ValueError:
+        raise FlowError(f"{text!r} is not an IPv{version} address") from None
+
+
+def to_int(spec: Field, value: int | str) -> int:
+    """One value (no mask) of a field as an integer; MAC and IP fields take their text
+    form, any field a number ("0x800")."""
+    if isinstance(value, bool):
+        raise FlowError(f"{spec.name}: {value!r} is not a value")
+    if isinstance(value, int):
+        number = value
+    elif spec.kind == "mac" and ":" in value:
+        number = mac_to_int(value)
+    elif spec.kind == "ipv4" and "." in value:
+        number = _ip_to_int(value, 4)
+    else:
+        try:
+            number = int(value, 0)
+        except ValueError:
+            raise FlowError(f"{spec.name}: cannot read {value!r}") from None
+    if not 0 <= number <= spec.full:
+        raise FlowError(f"{spec.name}: {value!r} does not fit in {spec.width} bits")
+    return number
+
+
+def _mask_of(spec: Field, text: str) -> int:
+    if spec.kind == "ipv4" and text.isdigit() and int(text) <= spec.width:
+        return (spec.full << (spec.width - int(text))) & spec.full  # prefix length
+    return to_int(spec, text)
+
+
+def match_value(name: str, value: MatchValue) -> tuple[int, int]:
+    """A model match value -> (value, mask) integers, checked as OVS checks them."""
+    spec = field(name)
+    if isinstance(value, tuple):
+        raw, mask = to_int(spec, value[0]), to_int(spec, value[1])
+    elif isinstance(value, str) and "/" in value:
+        text, mask_text = value.split("/", 1)
+        raw, mask = to_int(spec, text), _mask_of(spec, mask_text)
+    else:
+        raw, mask = to_int(spec, value), spec.full
+    if mask != spec.full and not spec.maskable:
+        raise FlowError(f"{name} cannot be masked (ovs-fields(7)): {value!r}")
+    if raw & ~mask:
+        raise FlowError(f"{name}={value!r}: value has bits outside the mask")
+    return raw, mask
+
+
+def format_value(name: str, value: int) -> int | str:
+    """An integer field value in the form the model uses (MAC and IP addresses as text)."""
+    kind = FIELDS[name].kind
+    if kind == "mac":
+        return int_to_mac(value)
+    if kind == "ipv4":
+        return socket.inet_ntoa(value.to_bytes(4, "big"))
+    return value
+
+
+def match_entry(name: str, value: int, mask: int) -> MatchValue:
+    """(value, mask) integers -> the model's match value (plain when the mask is full)."""
+    spec = FIELDS[name]
+    if mask == spec.full:
+        return format_value(name, value)
+    if spec.kind == "int":
+        return (value, mask)
+    return (str(format_value(name, value)), str(format_value(name, mask)))
+
+
+# ---------------------------------------------------------------- the whole-flow check
+
+Values = Mapping[str, tuple[int, int]]
+
+
+def prereqs_met(spec: Field, values: Values) -> bool:
+    """Does a match with these (value, mask) pairs guarantee the headers ``spec`` lives
+    in? OVS compares the match's value, which is 0 where nothing is matched
+    (mf_are_prereqs_ok): eth_type must be matched."""
+    for name, allowed in spec.prereqs:
+        value, mask = values.get(name, (0, 0))
+        if (value & mask) not in allowed:
+            return False
+    return True
+
+
+def need_prereqs(name: str, values: Values, what: str = "") -> None:
+    spec = FIELDS[name]
+    if not prereqs_met(spec, values):
+        needs = ", ".join(f"{n} in {sorted(hex(v) for v in vs)}" for n, vs in spec.prereqs)
+        raise FlowError(f"{what}{spec.name} needs a match on {needs}")
+
+
+def _need_writable(name: str) -> None:
+    if not FIELDS[name].writable:
+        raise FlowError(f"{name} is read-only")
+
+
+def checked_values(match: Iterable[tuple[str, MatchValue]]) -> Values:
+    """What `check_flow` reads of a match, checked: every field known and not masked
+    unless maskable, and the (value, mask) of the fields the check looks at. The
+    simulator passes every value (`match_value`) instead."""
+    out: dict[str, tuple[int, int]] | None = None
+    for name, value in match:
+        spec = FIELDS.get(name)
+        if spec is None:
+            raise FlowError(f"unknown field {name!r}")
+        if name in _READ_BY_CHECKS:
+            if out is None:
+                out = {}
+            out[name] = (value, spec.full) if type(value) is int else match_value(name, value)
+        elif type(value) is not int and not spec.maskable:
+            match_value(name, value)
+    return _NOTHING if out is None else out
+
+
+_NOTHING: Values = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ConjClause:
+    """conjunction(id, clause/n_clauses), read from any action class named Conjunction
+    (the simulator's tests bring their own)."""
+
+    id: int
+    clause: int
+    n_clauses: int
+
+
+def conjunction(action: object) -> ConjClause | None:
+    if type(action).__name__ != "Conjunction":
+        return None
+    conj: Any = action
+    try:
+        return ConjClause(int(conj.id), int(conj.clause), int(conj.n_clauses))
+    except (AttributeError, TypeError, ValueError):
+        raise FlowError(f"{action!r}: a Conjunction needs integer id, clause, n_clauses") from None
+
+
+def conjunctions(flow: Flow) -> tuple[ConjClause, ...]:
+    """The flow's conjunction clauses; OVS refuses them mixed with anything else."""
+    clauses = tuple(c for a in flow.actions if (c := conjunction(a)) is not None)
+    if not clauses:
+        return ()
+    if len(clauses) != len(flow.actions) or flow.goto is not None:
+        raise FlowError("a flow with conjunction actions may have no other action or "
+                        "goto_table (OVS rejects it)")
+    for c in clauses:
+        if not 2 <= c.n_clauses <= MAX_CONJ_CLAUSES or not 1 <= c.clause <= c.n_clauses:
+            raise FlowError(f"conjunction({c.id},{c.clause}/{c.n_clauses}) needs "
+                            f"1 <= k <= n and 2 <= n <= {MAX_CONJ_CLAUSES}")
+        if not 0 <= c.id <= MAX_CONJ_ID:
+            raise FlowError(f"conjunction id {c.id} does not fit 32 bits")
+    return clauses
+
+
+OtherAction = Callable[[Any, Values], None]
+
+
+def check_flow(flow: Flow, values: Values | None = None,
+               other: OtherAction | None = None) -> tuple[ConjClause, ...]:
+    """Raise FlowError for what OVS refuses in a flow as a whole (on flow-mod, failing
+    the whole bundle): table, priority, meter and goto_table out of range or backwards;
+    unknown fields, masks on fields that cannot be masked, match prerequisites (ipv4_src
+    needs eth_type=0x800, nd_sll an NS ...) for the match and for every field an action
+    reads or writes; conjunctions mixed with other actions; ct without an IPv4/IPv6
+    eth_type, ct(commit) on +inv, ct exec without commit; learn specs whose widths or
+    prerequisites do not fit. Returns the conjunction clauses.
+
+    ``values``: the match as (value, mask) integers if the caller has them (the
+    simulator, which also checks every value), else `checked_values` reads what the
+    check needs. ``other`` checks actions that are not model actions (the simulator's
+    learned loads). In two halves (`check_flow_match`, `check_flow_actions`) so that
+    the encoder checks a list of actions that does not read the match
+    (`actions_read_match`) once, not once per flow.
+    """
+    return check_flow_actions(flow, check_flow_match(flow, values), other)
+
+
+def check_flow_match(flow: Flow, values: Values | None = None) -> Values:
+    """The first half of `check_flow`: table, priority, meter, goto_table and the match.
+    Returns the match values the actions' checks need. Runs for every flow the encoder
+    packs: keep it cheap."""
+    table, goto, meter = flow.table, flow.goto, flow.meter
+    if not 0 <= table <= MAX_TABLE:
+        raise FlowError(f"table {table} is not 0..{MAX_TABLE}")
+    if not 0 <= flow.priority <= MAX_PRIORITY:
+        raise FlowError(f"priority {flow.priority} is not 0..{MAX_PRIORITY}")
+    if meter is not None and not 1 <= meter <= MAX_METER:
+        raise FlowError(f"meter id {meter} out of range 1..{MAX_METER:#x}")
+    if goto is not None and not table < goto <= MAX_TABLE:
+        raise FlowError("goto_table must go to a later table (OFPBIC_BAD_TABLE_ID)")
+    match = flow.match
+    if values is None:
+        for name, value in match:
+            maskable = _QUIET_FIELDS.get(name)
+            if maskable is None or (not maskable and type(value) is not int):
+                values = checked_values(match)
+                break
+        else:
+            # most flows match only fields without prerequisites (in_port, eth_src,
+            # registers): nothing of their values to read, no prerequisites to check
+            return _NOTHING
+    for name, _ in match:
+        if FIELDS[name].prereqs:
+            need_prereqs(name, values)
+    return values
+
+
+def check_flow_actions(flow: Flow, values: Values,
+                       other: OtherAction | None = None) -> tuple[ConjClause, ...]:
+    """The second half of `check_flow`: the actions, given the match's ``values``."""
+    for action in flow.actions:
+        check = _ACTION_CHECKS.get(type(action))
+        if check is not None:
+            check(action, values)
+        elif type(action).__name__ == "Conjunction":
+            return conjunctions(flow)
+        elif other is not None:
+            other(action, values)
+        else:
+            raise FlowError(f"unknown action {action!r}")
+    return ()
+
+
+def actions_read_match(actions: Iterable[object]) -> bool:
+    """Does the check of these actions depend on the match (prerequisites of the fields
+    they use, ct's eth_type)? If not, `check_flow_actions` gives the same verdict for
+    every flow with these actions and goto_table."""
+    return any(type(a) not in _MATCH_FREE_ACTIONS and type(a).__name__ != "Conjunction"
+               for a in actions)
+
+
+def _check_output(action: Output, _values: Values) -> None:
+    port = action.port
+    if type(port) is int:
+        if not 0 <= port <= 0xFFFFFFFF:
+            raise FlowError(f"bad port {port}")
+    elif port not in RESERVED_PORTS:
+        raise FlowError(f"unsupported port {port!r}")
+
+
+def _check_output_reg(action: OutputReg, _values: Values) -> None:
+    register(action.reg)
+
+
+def _check_set_reg(action: SetReg, _values: Values) -> None:
+    spec = register(action.reg)
+    value = action.value
+    if type(value) is not int or not 0 <= value <= spec.full:
+        to_int(spec, value)  # the error, or a value in another spelling that fits
+
+
+def _check_set_field(action: SetField, values: Values) -> None:
+    spec = field(action.field)
+    _need_writable(spec.name)
+    need_prereqs(spec.name, values)
+    if isinstance(action.value, tuple):
+        raise FlowError(f"set_field {spec.name}: a masked value {action.value!r}")
+    to_int(spec, action.value)
+
+
+def _check_move(action: MoveField, values: Values) -> None:
+    s, d = parse_subfield(action.src), parse_subfield(action.dst)
+    if s.nbits != d.nbits:
+        raise FlowError(f"move {action.src} -> {action.dst}: {s.nbits} vs {d.nbits} bits")
+    _need_writable(d.field)
+    need_prereqs(s.field, values)
+    need_prereqs(d.field, values)
+
+
+def _check_resubmit(action: Resubmit, _values: Values) -> None:
+    if not 0 <= action.table <= MAX_TABLE:
+        raise FlowError(f"resubmit to table {action.table}: not 0..{MAX_TABLE}")
+
+
+def _check_controller(action: ToController, _values: Values) -> None:
+    if not 0 <= action.max_len <= 0xFFFF:
+        raise FlowError(f"CONTROLLER:{action.max_len}: max_len does not fit 16 bits")
+    if action.meter is not None and not 0 < action.meter < MAX_METER:
+        raise FlowError(f"controller(meter_id={action.meter}): out of range")
+
+
+def _check_ct(ct: Ct, values: Values) -> None:
+    if not 0 <= ct.zone <= MAX_CT_ZONE:
+        raise FlowError(f"ct zone {ct.zone} is not 16 bits")
+    if ct.table is not None and not 0 <= ct.table <= MAX_TABLE:
+        raise FlowError(f"ct table {ct.table} is not 0..{MAX_TABLE}")
+    eth_type, eth_mask = values.get("eth_type", (0, 0))
+    if eth_mask != FIELDS["eth_type"].full or eth_type not in IP_ETH_TYPES:
+        raise FlowError("ct needs eth_type=0x800 or 0x86dd in the match "
+                        "(OVS: OFPBAC_MATCH_INCONSISTENT)")
+    state, mask = values.get("ct_state", (0, 0))
+    if ct.commit and state & mask & CT_STATE_BITS["inv"]:
+        raise FlowError("ct(commit) on ct_state=+inv (OVS: OFPBAC_MATCH_INCONSISTENT)")
+    if not ct.commit and (ct.mark is not None or ct.label is not None):
+        raise FlowError("ct exec (ct_mark, ct_label) needs commit (OVS: OFPBAC_BAD_ARGUMENT)")
+    if ct.mark is not None and (ct.mark[0] & ~ct.mark[1] or ct.mark[1] >> 32
+                                or ct.mark[0] < 0 or ct.mark[1] < 0):
+        raise FlowError(f"bad ct_mark value/mask {ct.mark}")
+    if ct.label is not None and ct.label < 0:  # only its low 32 bits are written
+        raise FlowError(f"ct label {ct.label} is negative")
+
+
+def _learn_source(spec: LearnSpec, dst: Subfield, values: Values) -> None:
+    if not is_immediate(spec.src):
+        src = parse_subfield(spec.src)
+        if src.nbits != dst.nbits:
+            raise FlowError(f"learn {spec.src} -> {spec.dst}: widths differ "
+                            f"({src.nbits} vs {dst.nbits} bits)")
+        need_prereqs(src.field, values)
+    elif int(spec.src, 0) >> dst.nbits:
+        raise FlowError(f"learn immediate {spec.src} does not fit {spec.dst}")
+
+
+def check_learn(learn: Learn, values: Values) -> None:
+    """learn_check() of OVS: sources valid in this flow, destinations in the learned one.
+
+    Match specs build the learned match in order, so a prerequisite (e.g.
+    "0x800" -> NXM_OF_ETH_TYPE[]) must come before the field that needs it.
+    """
+    if not 0 <= learn.table <= MAX_TABLE:
+        raise FlowError(f"learn table {learn.table} is not 0..{MAX_TABLE}")
+    learned: dict[str, tuple[int, int]] = {}
+    for spec in learn.specs:
+        if spec.kind == "output":
+            need_prereqs(parse_subfield(spec.src).field, values)
+            continue
+        if spec.kind not in ("match", "load"):
+            raise FlowError(f"unknown learn spec kind {spec.kind!r}")
+        dst = parse_subfield(spec.dst)
+        _learn_source(spec, dst, values)
+        need_prereqs(dst.field, learned, "(learned flow) ")
+        if spec.kind == "load":
+            _need_writable(dst.field)
+        elif is_immediate(spec.src):  # OVS records immediates only (learn_check)
+            value = int(spec.src, 0) << dst.start
+            old_v, old_m = learned.get(dst.field, (0, 0))
+            learned[dst.field] = ((old_v & ~dst.mask) | value, old_m | dst.mask)
+
+
+_ACTION_CHECKS: dict[type, Callable[[Any, Values], None]] = {
+    Output: _check_output,
+    OutputReg: _check_output_reg,
+    SetReg: _check_set_reg,
+    SetField: _check_set_field,
+    MoveField: _check_move,
+    Resubmit: _check_resubmit,
+    Ct: _check_ct,
+    Learn: check_learn,
+    ToController: _check_controller,
+}
+_MATCH_FREE_ACTIONS = frozenset({Output, OutputReg, SetReg, Resubmit, ToController})
