@@ -471,6 +471,8 @@ def _learn_oxm_head(ofproto: ModuleType, name: str, value: Any) -> OxmHead:
 def _pack(value: int | str, width: int) -> bytes:
     if isinstance(value, int):
         return value.to_bytes(width, "big")
+    if width == 16:
+        return socket.inet_pton(socket.AF_INET6, value)
     if ":" in value:
         return bytes.fromhex(value.replace(":", ""))
     return socket.inet_aton(value) if width == 4 else value.encode()

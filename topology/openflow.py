@@ -48,8 +48,13 @@ ETH_RARP = 0x8035
 ETH_IPV6 = 0x86DD
 IP_ETH_TYPES = (ETH_IPV4, ETH_IPV6)
 
-IP_PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
+IP_PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
 IP_PROTO_NAMES = {number: name for name, number in IP_PROTOS.items()}
+
+ICMPV6_ECHO_REQUEST = 128
+ICMPV6_ECHO_REPLY = 129
+ND_NEIGHBOR_SOLICIT = 135
+ND_NEIGHBOR_ADVERT = 136
 
 # ---------------------------------------------------------------- limits OVS enforces
 
@@ -71,7 +76,7 @@ class FlowError(ValueError):
 
 # ---------------------------------------------------------------- fields
 
-ValueKind = Literal["int", "mac", "ipv4"]
+ValueKind = Literal["int", "mac", "ipv4", "ipv6"]
 # each prerequisite: the field's value (0 when it is not matched, as OVS reads it) must
 # be one of these
 Prereqs = tuple[tuple[str, frozenset[int]], ...]
@@ -80,7 +85,8 @@ Prereqs = tuple[tuple[str, frozenset[int]], ...]
 @dataclass(frozen=True)
 class Field:
     """One match field. ``width`` is what OVS gives it: NXM_OF_IN_PORT is 16 bits
-    (OXM in_port is 32 on the wire, OVS ports fit 16)."""
+    (OXM in_port is 32 on the wire, OVS ports fit 16), ipv6_label 20 (32 on the wire,
+    the rest must be zero)."""
 
     name: str  # model name = os-ken OXM name, except where ``oskn`` says otherwise
     width: int
@@ -109,10 +115,16 @@ def _is(field: str, *values: int) -> Prereqs:
 
 ARP = _is("eth_type", ETH_ARP, ETH_RARP)
 IPV4 = _is("eth_type", ETH_IPV4)
+IPV6 = _is("eth_type", ETH_IPV6)
 IP = _is("eth_type", ETH_IPV4, ETH_IPV6)
 TCP = (*IP, *_is("ip_proto", IP_PROTOS["tcp"]))
 UDP = (*IP, *_is("ip_proto", IP_PROTOS["udp"]))
 ICMPV4 = (*IPV4, *_is("ip_proto", IP_PROTOS["icmp"]))
+ICMPV6 = (*IPV6, *_is("ip_proto", IP_PROTOS["icmpv6"]))
+ND = (*ICMPV6, *_is("icmpv6_type", ND_NEIGHBOR_SOLICIT, ND_NEIGHBOR_ADVERT),
+      *_is("icmpv6_code", 0))
+ND_SOLICIT = (*ICMPV6, *_is("icmpv6_type", ND_NEIGHBOR_SOLICIT), *_is("icmpv6_code", 0))
+ND_ADVERT = (*ICMPV6, *_is("icmpv6_type", ND_NEIGHBOR_ADVERT), *_is("icmpv6_code", 0))
 
 NUM_REGISTERS = 8
 
@@ -152,6 +164,22 @@ _FIELD_LIST = (
           "OXM_OF_ICMPV4_TYPE", maskable=False, prereqs=ICMPV4),
     Field("icmpv4_code", 8, "NXM_OF_ICMP_CODE", "icmpv4_code_nxm", "icmp_code",
           "OXM_OF_ICMPV4_CODE", maskable=False, prereqs=ICMPV4),
+    Field("ipv6_src", 128, "NXM_NX_IPV6_SRC", "ipv6_src_nxm", "ipv6_src", "OXM_OF_IPV6_SRC",
+          "ipv6", prereqs=IPV6),
+    Field("ipv6_dst", 128, "NXM_NX_IPV6_DST", "ipv6_dst_nxm", "ipv6_dst", "OXM_OF_IPV6_DST",
+          "ipv6", prereqs=IPV6),
+    Field("ipv6_label", 20, "NXM_NX_IPV6_LABEL", "ipv6_label", "ipv6_label",
+          "OXM_OF_IPV6_FLABEL", prereqs=IPV6, oskn="ipv6_flabel"),
+    Field("icmpv6_type", 8, "NXM_NX_ICMPV6_TYPE", "icmpv6_type_nxm", "icmpv6_type",
+          "OXM_OF_ICMPV6_TYPE", maskable=False, prereqs=ICMPV6),
+    Field("icmpv6_code", 8, "NXM_NX_ICMPV6_CODE", "icmpv6_code_nxm", "icmpv6_code",
+          "OXM_OF_ICMPV6_CODE", maskable=False, prereqs=ICMPV6),
+    Field("ipv6_nd_target", 128, "NXM_NX_ND_TARGET", "nd_target", "nd_target",
+          "OXM_OF_IPV6_ND_TARGET", "ipv6", prereqs=ND),
+    Field("ipv6_nd_sll", 48, "NXM_NX_ND_SLL", "nd_sll", "nd_sll", "OXM_OF_IPV6_ND_SLL", "mac",
+          prereqs=ND_SOLICIT),
+    Field("ipv6_nd_tll", 48, "NXM_NX_ND_TLL", "nd_tll", "nd_tll", "OXM_OF_IPV6_ND_TLL", "mac",
+          prereqs=ND_ADVERT),
     Field("ct_state", 32, "NXM_NX_CT_STATE", "ct_state", "ct_state", writable=False),
     Field("ct_zone", 16, "NXM_NX_CT_ZONE", "ct_zone", "ct_zone", maskable=False,
           writable=False),
@@ -271,6 +299,8 @@ def to_int(spec: Field, value: int | str) -> int:
         number = mac_to_int(value)
     elif spec.kind == "ipv4" and "." in value:
         number = _ip_to_int(value, 4)
+    elif spec.kind == "ipv6" and ":" in value:
+        number = _ip_to_int(value, 6)
     else:
         try:
             number = int(value, 0)
@@ -282,7 +312,7 @@ def to_int(spec: Field, value: int | str) -> int:
 
 
 def _mask_of(spec: Field, text: str) -> int:
-    if spec.kind == "ipv4" and text.isdigit() and int(text) <= spec.width:
+    if spec.kind in ("ipv4", "ipv6") and text.isdigit() and int(text) <= spec.width:
         return (spec.full << (spec.width - int(text))) & spec.full  # prefix length
     return to_int(spec, text)
 
@@ -311,6 +341,8 @@ def format_value(name: str, value: int) -> int | str:
         return int_to_mac(value)
     if kind == "ipv4":
         return socket.inet_ntoa(value.to_bytes(4, "big"))
+    if kind == "ipv6":
+        return str(ipaddress.IPv6Address(value))
     return value
 
 
@@ -332,7 +364,7 @@ Values = Mapping[str, tuple[int, int]]
 def prereqs_met(spec: Field, values: Values) -> bool:
     """Does a match with these (value, mask) pairs guarantee the headers ``spec`` lives
     in? OVS compares the match's value, which is 0 where nothing is matched
-    (mf_are_prereqs_ok): eth_type must be matched."""
+    (mf_are_prereqs_ok): eth_type must be matched, icmpv6_code=0 need not."""
     for name, allowed in spec.prereqs:
         value, mask = values.get(name, (0, 0))
         if (value & mask) not in allowed:

@@ -86,7 +86,8 @@ flows: conjunctions whose flows disagree on the number of clauses, and two
 different flows with the same table, priority and match (OVS keeps only the
 one installed last). Fields, their widths and prerequisites come from
 `topology.openflow.FIELDS`; a `Packet` carries one attribute per header field
-the simulator models.
+the simulator models (IPv4, ARP, TCP/UDP/ICMP, IPv6, ICMPv6 and neighbour
+discovery).
 """
 
 from __future__ import annotations
@@ -121,7 +122,11 @@ from topology.openflow import (
     ETH_IPV4,
     ETH_IPV6,
     FIELDS,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
     IP_PROTOS,
+    ND_NEIGHBOR_ADVERT,
+    ND_NEIGHBOR_SOLICIT,
     ConjClause,
     FlowError,
     Subfield,
@@ -160,6 +165,7 @@ INV = CT_STATE_BITS["inv"]
 
 _ICMP_PAIRS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17}
 _ICMP_REQUESTS = frozenset({8, 13, 15, 17})
+_ICMPV6_PAIRS = {ICMPV6_ECHO_REQUEST: ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REPLY: ICMPV6_ECHO_REQUEST}
 
 
 class _Abort(Exception):
@@ -174,8 +180,9 @@ class Packet:
     """Header fields of one packet, by model name (`topology.openflow.FIELDS`). None: the
     packet has no such header.
 
-    MAC and IPv4 addresses are text ("02:00:00:00:01:00", "10.0.0.1"); MACs are
-    kept lower case.
+    MAC and IP addresses are text ("02:00:00:00:01:00", "10.0.0.1", "fd00::1"), kept
+    in canonical form (lower case, IPv6 compressed). An IPv6 frame without ipv6_src
+    is one whose headers the simulator does not read (ethernet()'s default).
     """
 
     in_port: int
@@ -196,6 +203,14 @@ class Packet:
     udp_dst: int | None = None
     icmpv4_type: int | None = None
     icmpv4_code: int | None = None
+    ipv6_src: str | None = None
+    ipv6_dst: str | None = None
+    ipv6_label: int | None = None
+    icmpv6_type: int | None = None
+    icmpv6_code: int | None = None
+    ipv6_nd_target: str | None = None
+    ipv6_nd_sll: str | None = None
+    ipv6_nd_tll: str | None = None
 
     def __post_init__(self) -> None:
         for name in PACKET_FIELDS:
@@ -218,14 +233,17 @@ class Packet:
         """The answer to this packet, entering at ``in_port``: addresses and ports swapped.
 
         ``src_mac`` replaces the swapped Ethernet source (e.g. a router's MAC);
-        ICMP echo requests become echo replies.
+        ICMP and ICMPv6 echo requests become echo replies.
         """
         changes: dict[str, Any] = {"in_port": in_port, "eth_dst": self.eth_src,
                                    "eth_src": src_mac or self.eth_dst}
-        for a, b in (("ipv4_src", "ipv4_dst"), ("tcp_src", "tcp_dst"), ("udp_src", "udp_dst")):
+        for a, b in (("ipv4_src", "ipv4_dst"), ("ipv6_src", "ipv6_dst"), ("tcp_src", "tcp_dst"),
+                     ("udp_src", "udp_dst")):
             changes[a], changes[b] = getattr(self, b), getattr(self, a)
         if self.icmpv4_type is not None:
             changes["icmpv4_type"] = _ICMP_PAIRS.get(self.icmpv4_type, self.icmpv4_type)
+        if self.icmpv6_type is not None:
+            changes["icmpv6_type"] = _ICMPV6_PAIRS.get(self.icmpv6_type, self.icmpv6_type)
         return dataclasses.replace(self, **changes)
 
 
@@ -259,6 +277,47 @@ def ipv4(in_port: int, src_mac: str, dst_mac: str, src_ip: str, dst_ip: str,
     return Packet(in_port=in_port, eth_src=src_mac, eth_dst=dst_mac, eth_type=ETH_IPV4,
                   ipv4_src=src_ip, ipv4_dst=dst_ip, ip_proto=IP_PROTOS[proto], **l4)
 
+
+def ipv6(in_port: int, src_mac: str, dst_mac: str, src_ip: str, dst_ip: str,
+         proto: Literal["tcp", "udp", "icmpv6"] = "tcp", sport: int = 49152, dport: int = 80,
+         *, icmp_type: int = ICMPV6_ECHO_REQUEST, icmp_code: int = 0, label: int = 0) -> Packet:
+    """An IPv6 packet; TCP/UDP use ``sport``/``dport``, ICMPv6 ``icmp_type``/``icmp_code``."""
+    l4: dict[str, int] = {}
+    if proto == "icmpv6":
+        l4 = {"icmpv6_type": icmp_type, "icmpv6_code": icmp_code}
+    elif proto in ("tcp", "udp"):
+        l4 = {f"{proto}_src": sport, f"{proto}_dst": dport}
+    else:
+        raise ValueError(f"unknown protocol {proto!r}")
+    return Packet(in_port=in_port, eth_src=src_mac, eth_dst=dst_mac, eth_type=ETH_IPV6,
+                  ipv6_src=src_ip, ipv6_dst=dst_ip, ipv6_label=label, ip_proto=IP_PROTOS[proto],
+                  **l4)
+
+
+def neighbor_solicit(in_port: int, src_mac: str, src_ip: str, target_ip: str,
+                     *, sll: str | None = None) -> Packet:
+    """ICMPv6 NS for ``target_ip`` to its solicited-node multicast group, with a source
+    link-layer address option (``sll``, default the sender's MAC; "" for none, as in
+    duplicate address detection from ::)."""
+    target = ipaddress.IPv6Address(target_ip)
+    group = ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0"))
+                                  | (int(target) & 0xFFFFFF))
+    group_mac = "33:33:" + ":".join(f"{b:02x}" for b in group.packed[-4:])
+    return Packet(in_port=in_port, eth_src=src_mac, eth_dst=group_mac, eth_type=ETH_IPV6,
+                  ipv6_src=src_ip, ipv6_dst=str(group), ipv6_label=0,
+                  ip_proto=IP_PROTOS["icmpv6"], icmpv6_type=ND_NEIGHBOR_SOLICIT, icmpv6_code=0,
+                  ipv6_nd_target=target_ip, ipv6_nd_sll=(src_mac if sll is None else sll) or None)
+
+
+def neighbor_advert(in_port: int, src_mac: str, src_ip: str, dst_mac: str, dst_ip: str,
+                    *, target_ip: str | None = None, tll: str | None = None) -> Packet:
+    """ICMPv6 NA: ``target_ip`` (default ``src_ip``) is at ``tll`` (default the sender's
+    MAC; "" for no target link-layer address option)."""
+    return Packet(in_port=in_port, eth_src=src_mac, eth_dst=dst_mac, eth_type=ETH_IPV6,
+                  ipv6_src=src_ip, ipv6_dst=dst_ip, ipv6_label=0, ip_proto=IP_PROTOS["icmpv6"],
+                  icmpv6_type=ND_NEIGHBOR_ADVERT, icmpv6_code=0,
+                  ipv6_nd_target=target_ip or src_ip,
+                  ipv6_nd_tll=(src_mac if tll is None else tll) or None)
 
 
 # ---------------------------------------------------------------- simulator-only action
