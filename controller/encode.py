@@ -363,26 +363,26 @@ def _new_wire_tail(parser: ModuleType, flow: Flow, tails: dict[Flow, bytes]) -> 
 
 
 def _pack_wire_tail(parser: ModuleType, flow: Flow) -> bytes:
-    for action in flow.actions:
-        if type(action) is Learn:
+    key = (parser, flow.actions, flow.goto, flow.meter)
+    found = _INSTRUCTIONS.get(key)
+    if found is None:
+        if any(type(action) is Learn for action in flow.actions):
             # os-ken pads learn specs relative to their place in the whole message: let
             # it lay these few pipeline flows out itself
             return _encoded.__wrapped__(parser, flow).tail
-    try:
-        values = openflow.check_flow_match(flow)
-        key = (parser, flow.actions, flow.goto, flow.meter)
-        found = _INSTRUCTIONS.get(key)
-        if found is None:
-            openflow.check_flow_actions(flow, values)
-            found = (_instruction_bytes(parser, flow.actions, flow.goto, flow.meter),
-                     openflow.actions_read_match(flow.actions))
-            if len(_INSTRUCTIONS) >= _SMALL_CACHE_SIZE:
-                _INSTRUCTIONS.clear()
-            _INSTRUCTIONS[key] = found
-        elif found[1]:  # the same actions were checked, but against another match
-            openflow.check_flow_actions(flow, values)
-    except openflow.FlowError as exc:
-        raise openflow.FlowError(f"{flow!r}: {exc}") from None
+        check_flow(flow)
+        found = (_instruction_bytes(parser, flow.actions, flow.goto, flow.meter),
+                 openflow.actions_read_match(flow.actions))
+        if len(_INSTRUCTIONS) >= _SMALL_CACHE_SIZE:
+            _INSTRUCTIONS.clear()
+        _INSTRUCTIONS[key] = found
+    else:  # these actions passed the check already: only what depends on this flow
+        try:
+            values = openflow.check_flow_match(flow)
+            if found[1]:
+                openflow.check_flow_actions(flow, values)
+        except openflow.FlowError as exc:
+            raise openflow.FlowError(f"{flow!r}: {exc}") from None
     return _match_bytes(parser.ofproto, flow.match) + found[0]
 
 
