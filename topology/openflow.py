@@ -196,8 +196,10 @@ BY_NXM: dict[str, Field] = {f.nxm: f for f in _FIELD_LIST}
 REGISTERS = tuple(f"reg{i}" for i in range(NUM_REGISTERS))
 _REGISTER_FIELDS = {name: FIELDS[name] for name in REGISTERS}
 CT_FIELDS = ("ct_state", "ct_zone", "ct_mark", "ct_label")
-# fields whose value the whole-flow check reads (prerequisites, ct's +inv)
-_READ_BY_CHECKS = frozenset({n for f in _FIELD_LIST for n, _ in f.prereqs} | {"ct_state"})
+# fields whose value the whole-flow check reads (prerequisites, ct's +inv): their full mask
+_READ_BY_CHECKS = {n: FIELDS[n].full
+                   for n in {n for f in _FIELD_LIST for n, _ in f.prereqs} | {"ct_state"}}
+_PREREQS = {f.name: f.prereqs for f in _FIELD_LIST if f.prereqs}
 # fields of which `check_flow` need not read any value (not those, no prerequisites),
 # and whether they are maskable
 _QUIET_FIELDS = {f.name: f.maskable for f in _FIELD_LIST
@@ -388,21 +390,37 @@ def checked_values(match: Iterable[tuple[str, MatchValue]]) -> Values:
     """What `check_flow` reads of a match, checked: every field known and not masked
     unless maskable, and the (value, mask) of the fields the check looks at. The
     simulator passes every value (`match_value`) instead."""
+    return _read_match(match)[0]
+
+
+def _read_match(match: Iterable[tuple[str, MatchValue]]) -> tuple[Values, bool]:
+    """`checked_values`, and whether some field has prerequisites (one pass: this runs
+    for every flow the encoder packs)."""
     out: dict[str, tuple[int, int]] | None = None
+    dependent = False
     for name, value in match:
-        spec = FIELDS.get(name)
-        if spec is None:
-            raise FlowError(f"unknown field {name!r}")
-        if name in _READ_BY_CHECKS:
+        full = _READ_BY_CHECKS.get(name)
+        if full is not None:
             if out is None:
                 out = {}
-            out[name] = (value, spec.full) if type(value) is int else match_value(name, value)
-        elif type(value) is not int and not spec.maskable:
+            out[name] = (value, full) if type(value) is int else match_value(name, value)
+            if not dependent:
+                dependent = name in _PREREQS
+            continue
+        maskable = _QUIET_FIELDS.get(name)
+        if maskable is None:  # a field with prerequisites, or no field at all
+            spec = FIELDS.get(name)
+            if spec is None:
+                raise FlowError(f"unknown field {name!r}")
+            dependent = True
+            maskable = spec.maskable
+        if not maskable and type(value) is not int:
             match_value(name, value)
-    return _NOTHING if out is None else out
+    return (_NOTHING if out is None else out), dependent
 
 
 _NOTHING: Values = MappingProxyType({})
+_UNMATCHED = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -480,18 +498,14 @@ def check_flow_match(flow: Flow, values: Values | None = None) -> Values:
         raise FlowError("goto_table must go to a later table (OFPBIC_BAD_TABLE_ID)")
     match = flow.match
     if values is None:
-        for name, value in match:
-            maskable = _QUIET_FIELDS.get(name)
-            if maskable is None or (not maskable and type(value) is not int):
-                values = checked_values(match)
-                break
-        else:
-            # most flows match only fields without prerequisites (in_port, eth_src,
-            # registers): nothing of their values to read, no prerequisites to check
-            return _NOTHING
+        values, dependent = _read_match(match)
+        if not dependent:  # no field with prerequisites (in_port, eth_src, registers ...)
+            return values
     for name, _ in match:
-        if FIELDS[name].prereqs:
-            need_prereqs(name, values)
+        for prereq, allowed in _PREREQS.get(name, ()):
+            value, mask = values.get(prereq, _UNMATCHED)
+            if (value & mask) not in allowed:
+                need_prereqs(name, values)  # raises, naming them all
     return values
 
 
