@@ -36,7 +36,7 @@ Every field name (match keys, SetField, subfields such as "NXM_OF_ETH_SRC[]" or
 "NXM_NX_REG1[0..15]") is resolved through `topology.openflow.FIELDS`: a subfield
 becomes os-ken's NXM-class field (``eth_src_nxm``, ``reg1``; see `NXM_FIELDS`), so it
 keeps the width OVS gives it (NXM_OF_IN_PORT is 16 bits, OXM in_port 32). Every flow
-passes `topology.openflow.check_flow` before it is encoded.
+passes `topology.flowcheck.check_flow` before it is encoded.
 
 Speed: building and serializing one OFPFlowMod costs tens of microseconds in
 os-ken. `flow_mod_add` caches, per (parser, Flow), the OFPMatch, the
@@ -58,7 +58,7 @@ from typing import Any, Protocol
 from os_ken.lib.pack_utils import msg_pack_into
 from os_ken.ofproto import nicira_ext, ofproto_v1_4, ofproto_v1_4_parser
 
-from topology import openflow
+from topology import flowcheck, openflow
 from topology.model import (
     ALL_ONES64,
     LEARNED_COOKIE,
@@ -200,7 +200,7 @@ def _ct_exec(parser: ModuleType, ofproto: ModuleType, ct: Ct) -> list[Any]:
 
 
 def _learn_spec(parser: ModuleType, ofproto: ModuleType, spec: LearnSpec) -> Any:
-    """One learn spec (checked by `topology.openflow.check_learn`)."""
+    """One learn spec (checked by `topology.flowcheck.check_learn`)."""
     if spec.kind == "output":
         src = parse_subfield(spec.src, ofproto)
         return parser.NXFlowSpecOutput(src=(src.field, src.ofs), n_bits=src.n_bits, dst="")
@@ -217,7 +217,7 @@ def _learn_spec(parser: ModuleType, ofproto: ModuleType, spec: LearnSpec) -> Any
 
 def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> Any:
     """One model action -> one os-ken action object. The action must have passed
-    `topology.openflow.check_flow` (as every flow does before it is encoded here)."""
+    `topology.flowcheck.check_flow` (as every flow does before it is encoded here)."""
     match action:
         case Output(port=port):
             number = _port_number(ofproto, port)
@@ -291,10 +291,10 @@ def _serialize_tail(match: Any, instructions: Sequence[Any]) -> bytes:
 
 
 def check_flow(flow: Flow) -> None:
-    """`topology.openflow.check_flow` (what OVS refuses in a whole flow: on the switch one
+    """`topology.flowcheck.check_flow` (what OVS refuses in a whole flow: on the switch one
     such flow fails the whole bundle), its FlowError (a ValueError) naming the flow."""
     try:
-        openflow.check_flow(flow)
+        flowcheck.check_flow(flow)
     except openflow.FlowError as exc:
         raise openflow.FlowError(f"{flow!r}: {exc}") from None
 
@@ -372,15 +372,15 @@ def _pack_wire_tail(parser: ModuleType, flow: Flow) -> bytes:
             return _encoded.__wrapped__(parser, flow).tail
         check_flow(flow)
         found = (_instruction_bytes(parser, flow.actions, flow.goto, flow.meter),
-                 openflow.actions_read_match(flow.actions))
+                 flowcheck.actions_read_match(flow.actions))
         if len(_INSTRUCTIONS) >= _SMALL_CACHE_SIZE:
             _INSTRUCTIONS.clear()
         _INSTRUCTIONS[key] = found
     else:  # these actions passed the check already: only what depends on this flow
         try:
-            values = openflow.check_flow_match(flow)
+            values = flowcheck.check_flow_match(flow)
             if found[1]:
-                openflow.check_flow_actions(flow, values)
+                flowcheck.check_flow_actions(flow, values)
         except openflow.FlowError as exc:
             raise openflow.FlowError(f"{flow!r}: {exc}") from None
     return _match_bytes(parser.ofproto, flow.match) + found[0]

@@ -30,7 +30,7 @@ from os_ken.ofproto import nicira_ext, ofproto_v1_4, ofproto_v1_4_parser
 from test_encode import OFCTL, needs_ofctl
 
 from controller import encode
-from topology import openflow
+from topology import flowcheck, openflow
 from topology.model import Flow, MatchValue, MoveField, Output, SetField, ct_state
 from topology.openflow import FIELDS, Field, FlowError
 from topology.pipeline import PIPELINES, Pipeline, PipelineError, Table, check_declaration
@@ -130,7 +130,7 @@ def plain_flow_mod(f: Flow) -> Any:
 def test_raw_packer_matches_os_ken_for_every_field(name: str) -> None:
     encode.cache_clear()
     for f in field_flows(FIELDS[name]):
-        openflow.check_flow(f)
+        flowcheck.check_flow(f)
         assert encode.raw_flow_mod_add(DP, f, 42) == encode.serialize(plain_flow_mod(f), 42), f
         assert encode.serialize(encode.flow_mod_add(DP, f), 43) == encode.serialize(
             plain_flow_mod(f), 43), f
@@ -208,7 +208,7 @@ def _prereq_grid(spec: Field) -> list[Flow]:
 
 def _refused(f: Flow) -> bool:
     try:
-        openflow.check_flow(f)
+        flowcheck.check_flow(f)
     except FlowError:
         return True
     return False
@@ -257,9 +257,9 @@ def test_actions_need_the_prerequisites_of_the_fields_they_use() -> None:
         for action in acts:
             ok = Flow(table=1, priority=1, match=tuple(sorted(prereq_match(spec).items())),
                       actions=(action,))
-            openflow.check_flow(ok)
+            flowcheck.check_flow(ok)
             with pytest.raises(FlowError, match="needs a match on"):
-                openflow.check_flow(Flow(table=1, priority=1, match=(), actions=(action,)))
+                flowcheck.check_flow(Flow(table=1, priority=1, match=(), actions=(action,)))
 
 
 def test_read_only_and_unmaskable_fields_are_refused() -> None:
@@ -267,12 +267,12 @@ def test_read_only_and_unmaskable_fields_are_refused() -> None:
         base = tuple(sorted(prereq_match(spec).items()))
         if not spec.writable:
             with pytest.raises(FlowError, match="read-only"):
-                openflow.check_flow(Flow(table=1, priority=1, match=base,
+                flowcheck.check_flow(Flow(table=1, priority=1, match=base,
                                          actions=(SetField(spec.name, 1),)))
         if not spec.maskable:
             masked = match_of(spec, (1, 1))
             with pytest.raises(FlowError, match="cannot be masked"):
-                openflow.check_flow(Flow(table=1, priority=1, match=masked))
+                flowcheck.check_flow(Flow(table=1, priority=1, match=masked))
             with pytest.raises(FlowError, match="cannot be masked"):
                 compile_flow(Flow(table=1, priority=1, match=masked))
 
@@ -311,7 +311,7 @@ def test_nxm_fields_of_the_encoder_are_the_table() -> None:
 CONSUMERS = ["controller/encode.py", "controller/runtime.py", "controller/metrics.py",
              "controller/status.py", "topology/render.py", "topology/simulate.py",
              "topology/pipeline.py", "topology/flows.py", "topology/policy_compile.py",
-             "topology/check.py", "topology/model.py"]
+             "topology/check.py", "topology/model.py", "topology/flowcheck.py"]
 _NXM_NAME = re.compile(r"^(?:NXM_OF|NXM_NX|OXM_OF)_[A-Z0-9_]+?(?=\[|$)")
 # what a field looks like: any os-ken field name, and the classic ovs-ofctl spellings
 _FIELD_LIKE = {f.name for f in OFP.oxm_types} | {

@@ -6,7 +6,7 @@ match the fields its table declares, it may only go forward to a declared
 table, and every table ends in a catch-all that drops or goes on (default
 deny). Every field a table declares is a field of `topology.openflow.FIELDS`
 (checked when this module is imported). What OVS itself refuses in a flow is
-`topology.openflow.check_flow`. `docs/pipeline.md` is generated from the same
+`topology.flowcheck.check_flow`. `docs/pipeline.md` is generated from the same
 data (`pipeline_markdown`).
 """
 

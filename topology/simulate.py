@@ -79,7 +79,7 @@ Flows are checked when a `Switch` is built, and `FlowError` names what OVS
 would refuse or what makes the outcome depend on installation order: every
 value of the match (`topology.openflow.match_value`: masks on fields that
 cannot be masked, value bits outside the mask), then the one whole-flow check
-the encoder also runs (`topology.openflow.check_flow`: unknown fields, missing
+the encoder also runs (`topology.flowcheck.check_flow`: unknown fields, missing
 prerequisites, goto_table backwards, `ct` without an IPv4/IPv6 match,
 conjunctions with other actions, learn specs that do not fit ...), and across
 flows: conjunctions whose flows disagree on the number of clauses, and two
@@ -98,6 +98,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from topology.flowcheck import ConjClause, check_flow, conjunction
 from topology.model import (
     CT_STATE_BITS,
     LEARNED_COOKIE,
@@ -127,12 +128,9 @@ from topology.openflow import (
     IP_PROTOS,
     ND_NEIGHBOR_ADVERT,
     ND_NEIGHBOR_SOLICIT,
-    ConjClause,
     FlowError,
     Subfield,
     Values,
-    check_flow,
-    conjunction,
     format_value,
     is_immediate,
     match_entry,
@@ -425,7 +423,7 @@ _compiled: dict[Flow, _Rule] = {}
 
 
 def compile_flow(flow: Flow, cookie: int | None = None) -> _Rule:
-    """Check one flow as OVS would on flow-mod (`topology.openflow.check_flow`, on every
+    """Check one flow as OVS would on flow-mod (`topology.flowcheck.check_flow`, on every
     value of its match) and prepare it for lookups. Flows are immutable: the result for
     a flow with its own cookie is kept (a policy reload that builds a simulator again
     mostly finds the same flows)."""
