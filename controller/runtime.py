@@ -35,14 +35,15 @@ from topology.flows import (
     service_port_l2_flow,
 )
 from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK, Flow, Owner, cookie_owner
+from topology.openflow import ETH_ARP, ETH_IPV4, IP_PROTO_NAMES
 from topology.pipeline import (
     MESH_PIPELINE,
     METER_RATES,
     REG_OUT,
     SOCKET_PIPELINE,
-    check_flow,
+    check_against_pipeline,
 )
-from topology.policy import PROTO_NUMBERS, Policy
+from topology.policy import Policy
 from topology.pve import Guests
 from topology.roles import Role, classify_port, no_role_reason
 
@@ -74,7 +75,7 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
     from os_ken.lib.packet import arp, ethernet, packet
 
     pkt = packet.Packet()
-    pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=0x0806))
+    pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=ETH_ARP))
     # an unsolicited ARP *reply* (arping -A): no host answers it, every host takes note
     pkt.add_protocol(arp.arp(opcode=arp.ARP_REPLY, src_mac=mac, src_ip=ip,
                              dst_mac="ff:ff:ff:ff:ff:ff", dst_ip=ip))
@@ -84,7 +85,6 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
 
 _ETH = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
-_PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 
 
 def _mac(raw: bytes) -> str:
@@ -104,16 +104,16 @@ def parse_packet(data: bytes) -> dict[str, Any]:
         (ethertype,) = struct.unpack_from("!H", data, off + 2)
         off += 4
     out["eth_src"] = _mac(src)
-    if ethertype == 0x0806 and len(data) >= off + _ARP.size:
+    if ethertype == ETH_ARP and len(data) >= off + _ARP.size:
         htype, ptype, hlen, plen, _, sha, spa, _, _ = _ARP.unpack_from(data, off)
-        if (htype, ptype, hlen, plen) == (1, 0x0800, 6, 4) and sha == src and any(spa):
+        if (htype, ptype, hlen, plen) == (1, ETH_IPV4, 6, 4) and sha == src and any(spa):
             out["sender_ip"] = socket.inet_ntoa(spa)
-    elif ethertype == 0x0800 and len(data) >= off + 20:
+    elif ethertype == ETH_IPV4 and len(data) >= off + 20:
         ihl = (data[off] & 0x0F) * 4
         proto = data[off + 9]
         ip_src, ip_dst = socket.inet_ntoa(data[off + 12:off + 16]), socket.inet_ntoa(
             data[off + 16:off + 20])
-        out.update(ipv4_src=ip_src, ipv4_dst=ip_dst, proto=_PROTO_NAMES.get(proto, str(proto)))
+        out.update(ipv4_src=ip_src, ipv4_dst=ip_dst, proto=IP_PROTO_NAMES.get(proto, str(proto)))
         if ip_src != "0.0.0.0":
             out["sender_ip"] = ip_src
         frag_offset = struct.unpack_from("!H", data, off + 6)[0] & 0x1FFF
@@ -149,7 +149,7 @@ def _remote_flow(ip: str, mac: str) -> Flow:
     """A remote host's ARP responder, checked against the pipeline on its own (it joins a
     desired state that was checked whole)."""
     f = service_arp_flow(ip, mac)
-    check_flow(SOCKET_PIPELINE, f)
+    check_against_pipeline(SOCKET_PIPELINE, f)
     return f
 
 

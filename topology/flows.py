@@ -30,6 +30,7 @@ from topology.model import (
     flow,
     learn_mac_to_port,
 )
+from topology.openflow import ETH_ARP, ETH_IPV4
 from topology.pipeline import (
     CLASS_GATEWAY,
     CLASS_MESH,
@@ -52,8 +53,6 @@ from topology.policy import Policy
 from topology.policy_compile import compile_policy
 from topology.roles import PortRole, Role, classify_port
 
-ETH_ARP = 0x0806
-ETH_IPV4 = 0x0800
 MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")  # broadcast included
 ZERO_MAC = "00:00:00:00:00:00"
 

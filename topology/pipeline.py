@@ -1,10 +1,13 @@
 """The OpenFlow pipeline of each bridge, declared once as data.
 
 Every flow socknet computes is checked against this declaration
-(`check_flows`): its table must exist, it may only match the fields its table
-declares, it may only go forward to a declared table, and every table ends in
-a catch-all that drops or goes on (default deny). `docs/pipeline.md` is
-generated from the same data (`pipeline_markdown`).
+(`check_flows`, `check_against_pipeline`): its table must exist, it may only
+match the fields its table declares, it may only go forward to a declared
+table, and every table ends in a catch-all that drops or goes on (default
+deny). Every field a table declares is a field of `topology.openflow.FIELDS`
+(checked when this module is imported). What OVS itself refuses in a flow is
+`topology.flowcheck.check_flow`. `docs/pipeline.md` is generated from the same
+data (`pipeline_markdown`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from topology.model import Flow, Resubmit
+from topology.openflow import FIELDS
 
 # Register use on vmbr0 (one place, so tables and tests agree).
 REG_CLASS = "reg0"  # class of the ingress port, set in `classify`
@@ -158,6 +162,21 @@ class PipelineError(ValueError):
     pass
 
 
+def check_declaration(pipeline: Pipeline) -> None:
+    """Every table matches only fields of the field table, and numbers are unique."""
+    problems = [f"table {t.name} declares unknown match fields {sorted(t.matches - FIELDS.keys())}"
+                for t in pipeline.tables if t.matches - FIELDS.keys()]
+    numbers = [t.number for t in pipeline.tables]
+    if len(set(numbers)) != len(numbers):
+        problems.append(f"{pipeline.role}: table numbers repeat: {numbers}")
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+for _pipeline in PIPELINES.values():
+    check_declaration(_pipeline)
+
+
 def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
     """Raise PipelineError naming every flow that breaks the declaration."""
     problems: list[str] = []
@@ -173,7 +192,7 @@ def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
         raise PipelineError("; ".join(problems))
 
 
-def check_flow(pipeline: Pipeline, f: Flow) -> None:
+def check_against_pipeline(pipeline: Pipeline, f: Flow) -> None:
     """One flow added to a desired state that was checked whole before."""
     problems = _flow_problems(pipeline, f)
     if problems:

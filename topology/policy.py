@@ -22,10 +22,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from topology.openflow import IP_PROTOS
 from topology.yamlpos import line_of, load_with_lines, validation_problems, yaml_problem
 
 Proto = Literal["tcp", "udp", "icmp"]
-PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
+PROTO_NUMBERS = {name: IP_PROTOS[name] for name in ("icmp", "tcp", "udp")}  # the Proto names
 BUILTIN_SETS = ("internet", "any")
 MAX_RULES = 5000
 ALL = IPv4Network("0.0.0.0/0")
