@@ -446,7 +446,7 @@ class CheckedParser:
             return None  # refused already: the rest of what was read is not looked at
         # os-ken replaces a header length below 8 by 8 before it gets here: compare the
         # header itself with the bytes framed
-        framed = bytes(buf[:msg_len])
+        framed = bytes(buf) if len(buf) == msg_len else bytes(buf[:msg_len])
         if len(framed) >= 4 and _u16(framed, 2) != msg_len:
             reason = (f"{MESSAGE_NAMES.get(msg_type, msg_type)}: header length "
                       f"{_u16(framed, 2)} is below the 8-byte header")
