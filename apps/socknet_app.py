@@ -18,6 +18,7 @@ from os_ken.controller.handler import (
 )
 from os_ken.ofproto import ofproto_v1_4
 
+from controller import oferrors
 from controller.logs import get_logger
 from controller.runtime import Controller
 
@@ -56,7 +57,7 @@ class SocknetApp(app_manager.OSKenApp):  # type: ignore[misc]
         pass
 
     def _reply(self, ev: Any) -> None:
-        session = self.controller.session(ev.msg.datapath.id)
+        session = self.controller.session_of(ev.msg.datapath)
         if session is not None:
             session.on_reply(ev.msg)
 
@@ -76,14 +77,30 @@ class SocknetApp(app_manager.OSKenApp):  # type: ignore[misc]
     def _table_stats(self, ev: Any) -> None:
         self._reply(ev)
 
+    @set_ev_cls(ofp_event.EventOFPMeterConfigStatsReply, MAIN_DISPATCHER)
+    def _meter_config(self, ev: Any) -> None:
+        self._reply(ev)
+
+    @set_ev_cls(ofp_event.EventOFPEchoReply, MAIN_DISPATCHER)
+    def _echo_reply(self, ev: Any) -> None:
+        self._reply(ev)  # the answer to a liveness probe (runtime: dpid conflicts)
+
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
     def _packet_in(self, ev: Any) -> None:
-        self.controller.packet_in(ev.msg.datapath.id, ev.msg)
+        if self.controller.session_of(ev.msg.datapath) is not None:
+            self.controller.packet_in(ev.msg.datapath.id, ev.msg)
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
     def _error(self, ev: Any) -> None:
+        """An error a request is waiting for is reported by that request (with the flow
+        or meter it was about); any other is logged here."""
         msg = ev.msg
-        log.warning("openflow_error", xid=msg.xid, type=msg.type, code=msg.code)
-        session = self.controller.session(msg.datapath.id)
+        session = self.controller.session_of(msg.datapath)
+        if session is not None and session.on_error(msg):
+            return
         if session is not None:
-            session.on_error(msg)
+            fields = session.error_fields(msg)
+        else:
+            fields = {"bridge": self.controller.bridge_name(msg.datapath.id),
+                      **oferrors.describe(msg, msg.datapath.ofproto)}
+        log.warning("openflow_error", xid=msg.xid, **fields)

@@ -166,13 +166,19 @@ class Switch:
     seq: int = 0
     xid: int = 100
     closed: str | None = None
+    mute: bool = False  # reads but answers nothing (a switch that hangs)
 
 
 class FakeSwitches:
     def __init__(self, host: str, port: int, n: int, dpid_base: int, *, frame: str,
                  table_id: int, in_port: int, dst_port: int, reason: int,
-                 seq_base: int = 0) -> None:
+                 seq_base: int = 0, multipart_bodies: dict[int, bytes] | None = None,
+                 errors: dict[int, tuple[int, int]] | None = None) -> None:
         self.addr = (host, port)
+        # what a multipart request of each type is answered with (default: no entries)
+        self.multipart_bodies = dict(multipart_bodies or {})
+        # message type -> (error type, code): the first such message gets that error
+        self.errors = dict(errors or {})
         self.frame, self.table_id, self.in_port, self.dst_port = frame, table_id, in_port, dst_port
         self.reason = reason
         self.sel = selectors.DefaultSelector()
@@ -258,6 +264,14 @@ class FakeSwitches:
     def _handle(self, sw: Switch, version: int, mtype: int, xid: int, msg: bytes) -> None:
         name = NAMES.get(mtype, f"type{mtype}")
         self.rx[name] += 1
+        if mtype == MULTIPART_REQUEST:
+            self.rx[f"multipart_request:{struct.unpack_from('!H', msg, HEADER.size)[0]}"] += 1
+        if sw.mute:
+            return
+        if mtype in self.errors:
+            etype, code = self.errors.pop(mtype)
+            self._reply(sw, ERROR, xid, struct.pack("!HH", etype, code) + msg[:64])
+            return
         if mtype == HELLO:
             v = negotiate(msg)
             if v is None:
@@ -280,7 +294,8 @@ class FakeSwitches:
             self._reply(sw, GET_ASYNC_REPLY, xid, b"")
         elif mtype == MULTIPART_REQUEST:
             mp_type = struct.unpack_from("!H", msg, HEADER.size)[0]
-            self._reply(sw, MULTIPART_REPLY, xid, struct.pack("!HH4x", mp_type, 0))
+            self._reply(sw, MULTIPART_REPLY, xid, struct.pack("!HH4x", mp_type, 0)
+                        + self.multipart_bodies.get(mp_type, b""))
         elif mtype == BUNDLE_CONTROL:
             bundle_id, ctype, flags = struct.unpack_from("!IHH", msg, HEADER.size)
             if ctype == BUNDLE_OPEN:

@@ -51,7 +51,8 @@ def host_yaml(db_sock: Path, port: int) -> str:
         f'  {vmid}: {{mac: "{container_mac(vmid)}", ip: {container_ip(vmid)}/24}}'
         for vmid in (100, 102, 200, 201))
     return (f"host: fakeswitch\novsdb: unix:{db_sock}\ndatapath_type: netdev\n"
-            f"controller: {{listen: 'tcp:127.0.0.1:{port}'}}\n"
+            # the fake switches speak plain OpenFlow
+            f"controller: {{listen: 'tcp:127.0.0.1:{port}', insecure_tcp: true}}\n"
             "bridges:\n"
             "  mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"

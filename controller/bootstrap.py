@@ -7,7 +7,8 @@
 2. ensure the veth pair ``to-socket``/``from-mesh`` and TX offload off;
 3. ONE OVSDB transaction: missing bridges (with their LOCAL port), drifted
    bridge/controller settings, the two veth ports, the ``SSL`` row when
-   ``controller.listen`` is ``ssl:`` (see controller.tls), ``next_cfg`` increment;
+   ``controller.listen`` is ``ssl:`` (see controller.tls; the per-host CA and
+   certificates it names are made first, controller.pki), ``next_cfg`` increment;
 4. wait until ovs-vswitchd applied it (``cur_cfg``) and check that both veth
    ports got an OpenFlow port number.
 
@@ -592,6 +593,7 @@ def bootstrap(
     try:
         try:
             veth_present = _validate(cfg, view, netns)
+            _ensure_pki(cfg, result)
             if not veth_present:
                 result.changed.extend(_remove_stale_ports(cfg, view, timeout))
             # ---- step 2: the veth pair, outside OVSDB
@@ -622,6 +624,20 @@ def bootstrap(
         return result
     finally:
         view.close()
+
+
+def _ensure_pki(cfg: HostConfig, result: BootstrapResult) -> None:
+    """The per-host CA and certificates of the TLS channel (controller.pki), before the
+    transaction that points OVS's SSL row at them. Not undone on rollback: keys that
+    nothing uses yet are harmless, and the next run keeps them."""
+    from controller.pki import PkiError, ensure_pki
+
+    try:
+        made = ensure_pki(cfg)
+    except PkiError as exc:
+        raise BootstrapError(str(exc)) from exc
+    result.created.extend(made.created)
+    result.changed.extend(made.changed)
 
 
 def _rollback(

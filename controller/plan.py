@@ -116,6 +116,7 @@ def build_plan(cfg: HostConfig, policy: Policy | None = None, policy_source: str
     """The plan as plain JSON values (deterministic for the same inputs)."""
     ctl, metrics = cfg.controller, cfg.metrics
     ssl = ovs_ssl(cfg)
+    tls = ctl.tls_files
     return {
         "format": PLAN_FORMAT,
         "host": cfg.host,
@@ -126,10 +127,11 @@ def build_plan(cfg: HostConfig, policy: Policy | None = None, policy_source: str
         "controller": {
             "listen": ctl.listen,
             "loopback": is_loopback(ctl.host),
-            "tls": None if ctl.tls is None else {
-                "controller_key": ctl.tls.key, "controller_cert": ctl.tls.cert,
-                "switch_ca_checked_by_controller": ctl.tls.ca_cert,
+            "tls": None if tls is None else {
+                "controller_key": tls.key, "controller_cert": tls.cert,
+                "switch_ca_checked_by_controller": tls.ca_cert,
                 "ovs_ssl": ssl,
+                "made_by_bootstrap": ctl.managed_pki,
             },
         },
         "metrics": {"enabled": metrics.enabled, "listen": metrics.listen,

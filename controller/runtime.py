@@ -21,6 +21,7 @@ from controller.early import EarlyPackets
 from controller.logs import LogBudget, get_logger
 from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
+from controller.wirecheck import refuse
 from topology.addresses import Declarations, Refusal, declarations, learn_refusal
 from topology.config import HostConfig
 from topology.flows import (
@@ -49,6 +50,12 @@ from topology.roles import Role, classify_port, no_role_reason
 
 log = get_logger("socknet.runtime")
 REMOTE_TTL_S = 300.0  # a remote host not heard from (ARP) for this long is forgotten
+DPID_PROBE_S = 3.0  # a connected switch answers an echo within this (or it is gone)
+
+
+def peer_address(datapath: Any) -> str:
+    addr = getattr(datapath, "address", None)
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
 
 
 def discovered_from_flows(installed: list[Any]) -> tuple[dict[int, Binding], dict[str, str]]:
@@ -153,6 +160,14 @@ def _remote_flow(ip: str, mac: str) -> Flow:
     return f
 
 
+def _meter_is(meter: Any, ofp: Any, rate: int) -> bool:
+    """Is this OFPMeterConfigStats the meter `encode.meter_mod` makes for ``rate``?"""
+    bands = getattr(meter, "bands", [])
+    return (meter.flags == ofp.OFPMF_PKTPS | ofp.OFPMF_BURST and len(bands) == 1
+            and bands[0].type == ofp.OFPMBT_DROP and bands[0].rate == rate
+            and bands[0].burst_size == rate)
+
+
 @dataclass
 class Stats:
     """Counters the tests, `status` and the metrics endpoint read."""
@@ -235,21 +250,79 @@ class Controller:
 
     # ------------------------------------------------------------ inputs
     def switch_connected(self, datapath: Any) -> None:
+        """A switch finished its handshake. A second connection claiming a datapath id
+        that is connected already is not taken at its word: see `_settle_conflict`."""
         with self._lock:
             bridge = self._bridge_of(datapath.id) or f"dpid:{datapath.id:016x}"
-            self._sessions[datapath.id] = SwitchSession(datapath, bridge)
-        log.info("switch_connected", dpid=f"{datapath.id:016x}", bridge=bridge)
+            old = self._sessions.get(datapath.id)
+            if old is not None and old.dp is not datapath and not old.closed:
+                conflict = old
+            else:
+                conflict = None
+                self._sessions[datapath.id] = SwitchSession(datapath, bridge)
+        if conflict is not None:
+            threading.Thread(target=self._settle_conflict, args=(conflict, datapath),
+                             name="socknet-dpid-conflict", daemon=True).start()
+            return
+        log.info("switch_connected", dpid=f"{datapath.id:016x}", bridge=bridge,
+                 peer=peer_address(datapath))
         self._work.put(datapath.id)
+
+    def _settle_conflict(self, old: SwitchSession, new: Any) -> None:
+        """Two connections claim one datapath id. The one that stays is the session in
+        place while it answers an echo request (a TLS peer already proved it holds a
+        switch certificate; over plain tcp: a local process announcing a bridge's id
+        must not replace the switch that has it). One that does not answer is a dead
+        connection the switch has replaced: the newcomer takes over and is reconciled
+        in full (its flows re-read)."""
+        alive = old.probe(DPID_PROBE_S)
+        dpid = new.id
+        with self._lock:
+            current = self._sessions.get(dpid)
+            bridge = self._bridge_of(dpid) or f"dpid:{dpid:016x}"
+            if not getattr(new, "is_active", True):
+                return  # the newcomer left while the old one was asked: nothing to settle
+            take_over = current is None or (current is old and not alive)
+            if take_over:
+                if current is not None:
+                    current.close()
+                self._sessions[dpid] = SwitchSession(new, bridge)
+        if take_over:
+            if current is not None:  # else the old one went away meanwhile: no conflict
+                log.warning("dpid_conflict", dpid=f"{dpid:016x}", bridge=bridge,
+                            kept=peer_address(new), refused=peer_address(old.dp),
+                            reason="the connection in place did not answer an echo request")
+                refuse(old.dp)
+            log.info("switch_connected", dpid=f"{dpid:016x}", bridge=bridge,
+                     peer=peer_address(new), replaced=current is not None)
+            self._work.put(dpid)
+            return
+        assert current is not None
+        log.warning("dpid_conflict", dpid=f"{dpid:016x}", bridge=bridge,
+                    kept=peer_address(current.dp), refused=peer_address(new),
+                    reason="a connection with this datapath id is in place and answers")
+        refuse(new)
 
     def switch_disconnected(self, datapath: Any) -> None:
         with self._lock:
-            session = self._sessions.pop(datapath.id, None)
-        if session is not None:
-            session.close()
-            log.info("switch_disconnected", bridge=session.bridge)
+            session = self._sessions.get(datapath.id)
+            if session is None or session.dp is not datapath:
+                return  # a connection that never had the session (refused)
+            del self._sessions[datapath.id]
+        session.close()
+        log.info("switch_disconnected", bridge=session.bridge)
 
     def session(self, dpid: int) -> SwitchSession | None:
         return self._sessions.get(dpid)
+
+    def session_of(self, datapath: Any) -> SwitchSession | None:
+        """The session of this very connection: messages from a connection that claims a
+        connected datapath id (refused, or not settled yet) reach no session."""
+        session = self._sessions.get(datapath.id)
+        return session if session is not None and session.dp is datapath else None
+
+    def bridge_name(self, dpid: int | None) -> str | None:
+        return None if dpid is None else self._bridge_of(dpid)
 
     def mesh_uplinks(self) -> int:
         """Mesh uplink ports in OVSDB now (peers up, when socknet manages them)."""
@@ -460,7 +533,7 @@ class Controller:
                     session = self._sessions.get(d)
                     if session is not None:
                         session.installed = None  # re-read before the next try
-                    log.error("reconcile_failed", error=str(exc))
+                    log.error("reconcile_failed", error=str(exc), **exc.details)
                 except Exception:
                     self.stats.errors += 1
                     log.exception("reconcile_crashed")
@@ -512,7 +585,8 @@ class Controller:
         if not sent:
             self.stats.noop_reconciles += 1
         self.stats.last_reconcile[bridge] = time.time()
-        log.info(
+        # an audit that found nothing to do is not news: debug
+        (log.info if sent else log.debug)(
             "reconciled",
             bridge=bridge,
             read_from_switch=first,
@@ -794,17 +868,24 @@ class Controller:
                     port=pkt.get("dst_port"), in_port=in_port)
 
     def _ensure_meters(self, session: SwitchSession) -> None:
-        """Rate limits for packets sent to the controller (logs, learning)."""
+        """Rate limits for packets sent to the controller (logs, learning): read the
+        switch's meters, add the missing ones, modify the ones that differ."""
+        ofp = session.dp.ofproto
+        have = {m.meter_id: m for m in session.meter_configs()}
         for meter_id, rate in METER_RATES.items():
-            err = None
-            for command in ("add", "modify"):  # add fails when the meter exists already
+            current = have.get(meter_id)
+            if current is not None and _meter_is(current, ofp, rate):
+                continue
+            command = "add" if current is None else "modify"
+            err = session.send_checked(
+                encode.meter_mod(session.dp, meter_id, rate, rate, command=command))
+            if err is not None and command == "add" and (err.type, err.code) == (
+                    ofp.OFPET_METER_MOD_FAILED, ofp.OFPMMFC_METER_EXISTS):
+                # added by someone else since it was read: the reply says so, modify it
                 err = session.send_checked(
-                    encode.meter_mod(session.dp, meter_id, rate, rate, command=command))
-                if err is None:
-                    break
+                    encode.meter_mod(session.dp, meter_id, rate, rate, command="modify"))
             if err is not None:
-                log.error("meter_failed", bridge=session.bridge, meter=meter_id,
-                          type=err.type, code=err.code)
+                log.error("meter_failed", meter=meter_id, **session.error_fields(err))
 
     def _forget_learned(self, bridge: str, ofports: set[int]) -> None:
         """Drop learned flows that point at ports that are gone (their number may be reused)."""

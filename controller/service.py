@@ -15,8 +15,53 @@ from topology.config import HostConfig
 log = get_logger("socknet.service")
 
 
+EXIT_BAD_INPUT = 2
+
+
+def _refuse_to_start(event: str, problems: list[str]) -> None:
+    """Exit 2 (systemd: RestartPreventExitStatus) before anything is started or logged as
+    started, with one line that names every problem."""
+    log.error(event, problem="; ".join(problems))
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _startup_problems(cfg: HostConfig) -> None:
+    from controller.portcheck import listen_problems
+    from controller.tls import missing_files
+
+    missing = missing_files(cfg)
+    if missing:
+        _refuse_to_start("tls_files_missing", missing)
+    wanted = [("OpenFlow", cfg.controller.host, cfg.controller.port)]
+    if cfg.metrics.enabled:
+        wanted.append(("metrics", cfg.metrics.host, cfg.metrics.port))
+    taken = listen_problems(wanted)
+    if taken:
+        _refuse_to_start("listen_failed", taken)
+
+
+def _check_switch_messages(controller: Controller) -> None:
+    """Every message from a switch is length-checked before os-ken parses it (os-ken 4.2.2
+    loops forever on some zero lengths: docs/security.md); a bad one closes its
+    connection."""
+    from controller import wirecheck
+    from controller.runtime import peer_address
+
+    def refused(datapath: object, xid: int, reason: str) -> None:
+        dpid = getattr(datapath, "id", None)
+        session = controller.session_of(datapath) if isinstance(dpid, int) else None
+        log.warning("openflow_malformed", peer=peer_address(datapath), xid=xid, reason=reason,
+                    dpid=f"{dpid:016x}" if isinstance(dpid, int) else None,
+                    bridge=session.bridge if session is not None else None,
+                    action="connection closed")
+        wirecheck.refuse(datapath)
+
+    wirecheck.install(refused)
+
+
 def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
                    policy_path: Path | None = None) -> None:
+    _startup_problems(cfg)
     os.environ.setdefault("OSKEN_HUB_TYPE", "native")
     from os_ken import cfg as osken_cfg
     from os_ken.base.app_manager import AppManager
@@ -37,6 +82,7 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     controller = Controller(cfg, audit_interval_s=audit_interval_s,
                             policy_pending=policy_path is not None,
                             guests_pending=watcher is not None)
+    _check_switch_messages(controller)
     if watcher is not None:
         watcher.on_change = controller.set_guests
         controller.set_guests(watcher.guests, "start")  # logs what was read, its conflicts

@@ -7,14 +7,17 @@ thread and blocks here until the reply (or an error) for its xid arrives.
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import encode
+from controller import encode, oferrors
 from controller.logs import get_logger
 from controller.reconcile import Plan
+from topology.model import Flow
+from topology.render import flow_text
 
 log = get_logger("socknet.switch")
 REPLY_TIMEOUT_S = 10.0
@@ -22,7 +25,12 @@ _bundle_ids = itertools.count(1)
 
 
 class SwitchError(RuntimeError):
-    pass
+    """A request failed; ``details`` are log fields (the decoded OpenFlow error and the
+    request or flow that caused it) when the switch answered with an error."""
+
+    def __init__(self, text: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(text)
+        self.details = details or {}
 
 
 @dataclass
@@ -74,12 +82,28 @@ class SwitchSession:
         if not (pending.multi and more):
             pending.done.set()
 
-    def on_error(self, msg: Any) -> None:
+    def on_error(self, msg: Any) -> bool:
+        """An OpenFlow error from the switch; True if a request was waiting for it (the
+        requester reports it), False if nobody was (the caller logs it)."""
         with self._pending_lock:
             pending = self._pending.get(msg.xid)
-        if pending is not None:
-            pending.errors.append(msg)
-            pending.done.set()
+        if pending is None:
+            return False
+        pending.errors.append(msg)
+        pending.done.set()
+        return True
+
+    def error_fields(self, err: Any, cause: str | None = None) -> dict[str, Any]:
+        """Log fields of an OpenFlow error on this switch: bridge, type and code names,
+        and the request (or flow) that caused it."""
+        return {"bridge": self.bridge,
+                **oferrors.describe(err, getattr(self.dp, "ofproto", None), cause)}
+
+    def _failure(self, what: str, err: Any, cause: str | None = None) -> SwitchError:
+        if isinstance(err, _Disconnected):
+            return SwitchError(f"{self.bridge}: {what}: disconnected (the connection closed)")
+        fields = self.error_fields(err, cause)
+        return SwitchError(f"{self.bridge}: {what}: {oferrors.text(fields)}", fields)
 
     # ---------------------------------------------------------- worker side
     def _register(self, msg: Any, pending: _Pending) -> None:
@@ -119,10 +143,38 @@ class SwitchSession:
             if not pending.done.wait(REPLY_TIMEOUT_S):
                 raise SwitchError(f"{self.bridge}: no reply to {type(msg).__name__}")
             if pending.errors:
-                raise SwitchError(f"{self.bridge}: {_error_text(pending.errors[0])}")
+                raise self._failure(type(msg).__name__, pending.errors[0])
             return pending.replies
         finally:
             self._unregister(msg)
+
+    def probe(self, timeout_s: float) -> bool:
+        """Does the switch on this connection still answer (an echo request)? Runs beside
+        the worker's requests: it takes no sequence lock and an xid of its own."""
+        parser = self.dp.ofproto_parser
+        echo = parser.OFPEchoRequest(self.dp, data=b"socknet probe")
+        pending = _Pending(multi=False)
+        with self._pending_lock:
+            xid = secrets.randbits(32)
+            while xid in self._pending:
+                xid = secrets.randbits(32)
+            echo.xid = xid
+            self._pending[xid] = pending
+        try:
+            self._send_msg(echo)
+            return pending.done.wait(timeout_s) and not pending.errors
+        except SwitchError:
+            return False
+        finally:
+            self._unregister(echo)
+
+    def meter_configs(self) -> list[Any]:
+        """The switch's meters (OFPMeterConfigStats entries)."""
+        ofp, parser = self.dp.ofproto, self.dp.ofproto_parser
+        req = parser.OFPMeterConfigStatsRequest(self.dp, 0, ofp.OFPM_ALL)
+        with self._seq_lock:
+            replies = self._request(req, multi=True)
+        return [m for reply in replies for m in reply.body]
 
     def flows(
         self, table: int | None = None, cookie: int = 0, cookie_mask: int = 0
@@ -186,8 +238,9 @@ class SwitchSession:
                 if not pending.done.wait(max(REPLY_TIMEOUT_S, len(items) / 20000)):
                     raise SwitchError(f"{self.bridge}: bundle commit not answered")
                 if pending.errors:
-                    err = _error_text(pending.errors[0])
-                    raise SwitchError(f"{self.bridge}: bundle refused: {err}")
+                    err = pending.errors[0]
+                    raise self._failure("bundle refused", err,
+                                        _bundle_item(items, first, err, ofp.MAX_XID))
                 t_done = time.perf_counter()
                 self.last_bundle = {"messages": len(items),
                                     "pack_send_ms": round((t_sent - t0) * 1000, 2),
@@ -213,8 +266,7 @@ class SwitchSession:
                 if not pending.done.wait(REPLY_TIMEOUT_S):
                     raise SwitchError(f"{self.bridge}: bundle commit not answered")
                 if pending.errors:
-                    err = _error_text(pending.errors[0])
-                    raise SwitchError(f"{self.bridge}: bundle refused: {err}")
+                    raise self._failure("bundle refused", pending.errors[0])
             finally:
                 self._unregister(*msgs)
         self.bundles_sent += 1
@@ -253,5 +305,16 @@ class _Disconnected:
     type = code = "disconnected"
 
 
-def _error_text(err: Any) -> str:
-    return f"OpenFlow error type={getattr(err, 'type', '?')} code={getattr(err, 'code', '?')}"
+def _bundle_item(items: list[Any], first: int, err: Any, max_xid: int) -> str | None:
+    """The flow (or delete) of a bundle an error is about: the adds were sent with the
+    xids first, first+1, ..."""
+    xid = getattr(err, "xid", None)
+    if not isinstance(xid, int):
+        return None
+    k = (xid - first) & max_xid
+    if k >= len(items):
+        return None
+    item = items[k]
+    if isinstance(item, Flow):
+        return "flow " + flow_text(item).strip()
+    return f"delete of cookie {item:#x}" if isinstance(item, int) else None

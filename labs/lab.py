@@ -67,7 +67,7 @@ class SocketLab:
                  service_ids: tuple[int, ...] = SERVICE_IDS,
                  mesh_uplinks: tuple[str, ...] = ("nm-privacy",),
                  mtu: int | None = None, tls_dir: Path | None = None,
-                 addresses: str = "learn-first-packet") -> None:
+                 addresses: str = "learn-first-packet", insecure_tcp: bool = False) -> None:
         if len(prefix) > 8:
             raise ValueError("prefix must be at most 8 characters (interface name limits)")
         self.prefix = prefix
@@ -78,9 +78,12 @@ class SocketLab:
         self.service_ids = tuple(service_ids)
         self.mesh_uplinks = tuple(mesh_uplinks)
         self.mtu = mtu  # containers' MTU (both veth ends); None: the kernel's 1500
-        # TLS OpenFlow channel (controller.listen ssl:): tls_dir holds controller-key.pem,
-        # controller-cert.pem, switch-key.pem, switch-cert.pem and ca-cert.pem
+        # The OpenFlow channel: TLS with the per-host PKI bootstrap makes in <workdir>/pki
+        # (socknet's default); or TLS with the files in tls_dir (controller-key.pem,
+        # controller-cert.pem, switch-key.pem, switch-cert.pem, ca-cert.pem); or plain tcp
+        # (insecure_tcp: what a local process can do to an unauthenticated channel)
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None
+        self.insecure_tcp = insecure_tcp
         self.undeclared: set[int] = set()  # containers host.yaml does not declare
         self.mac_only: set[int] = set()  # containers host.yaml declares with a MAC alone
         # The lab's containers come and go undeclared (moves, new ports): it learns their
@@ -146,8 +149,11 @@ class SocketLab:
         os.replace(tmp, target)
 
     def _controller_yaml(self) -> str:
+        if self.insecure_tcp:
+            return f"{{listen: 'tcp:127.0.0.1:{self.controller_port}', insecure_tcp: true}}"
         if self.tls_dir is None:
-            return f"{{listen: 'tcp:127.0.0.1:{self.controller_port}'}}"
+            return (f"{{listen: 'ssl:127.0.0.1:{self.controller_port}', "
+                    f"pki_dir: '{self.workdir / 'pki'}'}}")
         d = self.tls_dir
         return (f"{{listen: 'ssl:127.0.0.1:{self.controller_port}', tls: {{"
                 f"key: '{d}/controller-key.pem', cert: '{d}/controller-cert.pem', "
@@ -257,9 +263,9 @@ class SocketLab:
         self.ovs.vsctl("--if-exists", "del-port", "vmbr0", c.port)
         nsl.delete_link(self.host, c.port)
 
-    def start_controller(self, wait: bool = True) -> None:
+    def start_controller(self, wait: bool = True, args: tuple[str, ...] = ()) -> None:
         argv = [sys.executable, "-m", "controller.cli", "run", "-c", str(self.config_path),
-                "--log-level", "debug"]
+                "--log-level", "debug", *args]
         log = self.controller_log.open("ab")
         self.controller = nsl.popen(self.host, argv, stdout=log, stderr=log, env=_env())
         log.close()

@@ -118,7 +118,9 @@ def host_config_text(controller_port: int, metrics_port: int,
         "host: mininet\n"
         f"ovsdb: {ovsdb}\n"
         "datapath_type: netdev\n"
-        f"controller: {{listen: 'tcp:127.0.0.1:{controller_port}'}}\n"
+        # plain tcp: this lab runs on the system Open vSwitch, whose one SSL row (global to
+        # the instance) a test must not take over
+        f"controller: {{listen: 'tcp:127.0.0.1:{controller_port}', insecure_tcp: true}}\n"
         f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n"
         "bridges:\n"
         f"  mesh: {{name: {MESH}, uplinks: [{UPLINK}], to_socket: {TO_SOCKET}}}\n"

@@ -70,7 +70,8 @@ def _cfg_text(ovs: OvsInstance, uid: str, **controller: int) -> str:
 ovsdb: {ovs.db_remote}
 datapath_type: netdev
 controller:
-  listen: tcp:127.0.0.1:6653{ctrl}
+  listen: tcp:127.0.0.1:6653
+  insecure_tcp: true{ctrl}
 bridges:
   mesh: {{name: me{uid}, to_socket: ts{uid}}}
   socket: {{name: vm{uid}, from_mesh: fm{uid}}}

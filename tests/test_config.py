@@ -37,8 +37,8 @@ def problems(text: str) -> list[str]:
 
 def test_good_config_and_defaults():
     cfg = parse_host_config(GOOD)
-    assert cfg.controller.listen == "tcp:127.0.0.1:6653"  # loopback by default
-    assert cfg.controller.ovs_target == "tcp:127.0.0.1:6653"
+    assert cfg.controller.listen == "ssl:127.0.0.1:6653"  # loopback (and TLS) by default
+    assert cfg.controller.ovs_target == "ssl:127.0.0.1:6653"
     assert 150 in cfg.bridges.socket.privacy_ids and 250 in cfg.bridges.socket.service_ids
     assert str(cfg.containers[100].ip.ip) == "10.0.0.100"
 

@@ -139,7 +139,7 @@ def _snapshot(sock_ports: dict[str, int]) -> OvsdbSnapshot:
     return OvsdbSnapshot(
         ports={"mesh": PORTS["mesh"], "vmbr0": sock_ports},
         dpids=DPIDS,
-        controllers={b: [("tcp:127.0.0.1:6653", True)] for b in DPIDS},
+        controllers={b: [("ssl:127.0.0.1:6653", True)] for b in DPIDS},
         fail_modes={b: "secure" for b in DPIDS},
         datapath_types={b: "system" for b in DPIDS})
 

@@ -180,8 +180,8 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("bootstrap: --plan not a plan", lambda d: ["bootstrap", "-c", str(d / "host.yaml"),
                                                 "--plan", str(d / "other.json")],
      "not a socknet network plan"),
-    ("validate: ssl without tls", lambda d: ["validate", "-c", str(d / "host-ssl.yaml")],
-     "needs a tls: block"),
+    ("validate: tcp without insecure_tcp",
+     lambda d: ["validate", "-c", str(d / "host-tcp.yaml")], "is plain TCP"),
     ("validate: tls file missing", lambda d: ["validate", "-c", str(d / "host-tls.yaml")],
      "no such file"),
     ("fleet cert: not a host name", lambda d: ["fleet", "cert", "a/b", "--ca-dir", str(d),
@@ -201,7 +201,7 @@ def test_other_bad_input_exits_2(what: str, argv: Callable[[Path], list[str]], e
     (tmp_path / "policy.yaml").write_text(POLICY)
     (tmp_path / "host-badpolicy.yaml").write_text(HOST + "policy: policy.yaml\n")
     (tmp_path / "other.json").write_text('{"format": "something else"}\n')
-    (tmp_path / "host-ssl.yaml").write_text(HOST + "controller: {listen: 'ssl:127.0.0.1:6653'}\n")
+    (tmp_path / "host-tcp.yaml").write_text(HOST + "controller: {listen: 'tcp:127.0.0.1:6653'}\n")
     (tmp_path / "host-tls.yaml").write_text(HOST + (
         "controller:\n  listen: ssl:127.0.0.1:6653\n  tls: {key: /nonexistent/k.pem, "
         f"cert: {tmp_path}/host.yaml, ca_cert: {tmp_path}/host.yaml, "
@@ -253,14 +253,20 @@ def test_plan_is_deterministic_and_complete(tmp_path: Path) -> None:
     mesh, sock = plan["bridges"]["mesh"], plan["bridges"]["vmbr0"]
     for br in (mesh, sock):
         assert br["fail_mode"] == "secure" and br["protocols"] == ["OpenFlow13", "OpenFlow14"]
-        assert br["controller"]["target"] == "tcp:127.0.0.1:6653"
+        assert br["controller"]["target"] == "ssl:127.0.0.1:6653"
     roles = {p["role"]: p for p in sock["ports"]}
     assert set(roles) == {"from-mesh", "warp", "gateway", "privacy", "service", "unknown"}
     assert roles["privacy"]["vmids"] == "100-199" and roles["gateway"]["names"] == ["vmbr0gw"]
     assert [p["role"] for p in mesh["ports"]] == ["mesh-uplink", "to-socket", "unknown"]
     assert plan["veth_pair"] == ["to-socket", "from-mesh"]
-    assert plan["controller"] == {"listen": "tcp:127.0.0.1:6653", "loopback": True,
-                                  "tls": None}
+    pki = "/var/lib/socknet/pki"  # bootstrap's per-host CA and certificates
+    assert plan["controller"] == {"listen": "ssl:127.0.0.1:6653", "loopback": True, "tls": {
+        "controller_key": f"{pki}/controller-key.pem",
+        "controller_cert": f"{pki}/controller-cert.pem",
+        "switch_ca_checked_by_controller": f"{pki}/ca-cert.pem",
+        "ovs_ssl": {"private_key": f"{pki}/switch-key.pem",
+                    "certificate": f"{pki}/switch-cert.pem", "ca_cert": f"{pki}/ca-cert.pem"},
+        "made_by_bootstrap": True}}
     assert plan["metrics"] == {"enabled": True, "listen": "127.0.0.1:9464", "loopback": True}
     pol = plan["policy"]
     assert pol["source"] == "pmoves-tiers.yaml"
@@ -344,7 +350,7 @@ def test_bootstrap_refuses_a_plan_that_no_longer_matches(tmp_path: Path) -> None
     assert invoke("plan", "-c", str(host), "--no-peers", "-o", str(plan)).exit_code == 0
     text = host.read_text()
     host.write_text(text.replace("service_ids: 200-299", "service_ids: 200-298")
-                    .replace("listen: tcp:127.0.0.1:6653", "listen: tcp:127.0.0.1:6654"))
+                    .replace("listen: ssl:127.0.0.1:6653", "listen: ssl:127.0.0.1:6654"))
     (tmp_path / "pmoves-tiers.yaml").write_text(
         (tmp_path / "pmoves-tiers.yaml").read_text().replace("172.30.4.0/24", "172.30.6.0/24"))
     result = invoke("bootstrap", "-c", str(host), "--plan", str(plan))
@@ -380,8 +386,21 @@ def _tls_files(tmp_path: Path) -> str:
 
 def test_listeners_default_to_loopback_without_warnings() -> None:
     cfg = parse_host_config(HOST)
-    assert cfg.controller.listen == "tcp:127.0.0.1:6653"
+    assert cfg.controller.listen == "ssl:127.0.0.1:6653"
     assert cfg.metrics.listen == "127.0.0.1:9464"
+    assert exposure_warnings(cfg) == []
+    pki = "/var/lib/socknet/pki"
+    assert osken_args(cfg) == [
+        "--ofp-listen-host", "127.0.0.1", "--ofp-ssl-listen-port", "6653",
+        "--ctl-privkey", f"{pki}/controller-key.pem", "--ctl-cert", f"{pki}/controller-cert.pem",
+        "--ca-certs", f"{pki}/ca-cert.pem",
+    ]  # fmt: skip
+    assert ovs_ssl(cfg) == {"private_key": f"{pki}/switch-key.pem",
+                            "certificate": f"{pki}/switch-cert.pem",
+                            "ca_cert": f"{pki}/ca-cert.pem"}
+    # plain tcp, when host.yaml opts in
+    cfg = parse_host_config(HOST + "controller: {listen: 'tcp:127.0.0.1:6653', "
+                            "insecure_tcp: true}\n")
     assert exposure_warnings(cfg) == []
     assert osken_args(cfg) == ["--ofp-listen-host", "127.0.0.1", "--ofp-tcp-listen-port", "6653"]
     assert ovs_ssl(cfg) is None
@@ -389,7 +408,7 @@ def test_listeners_default_to_loopback_without_warnings() -> None:
 
 def test_non_loopback_listeners_are_warned_about(tmp_path: Path) -> None:
     path = tmp_path / "host.yaml"
-    path.write_text(HOST + "controller: {listen: 'tcp:0.0.0.0:6653'}\n"
+    path.write_text(HOST + "controller: {listen: 'tcp:0.0.0.0:6653', insecure_tcp: true}\n"
                     "metrics: {listen: '192.0.2.1:9464'}\n")
     cfg = parse_host_config(path.read_text())
     warnings = exposure_warnings(cfg)
@@ -420,8 +439,11 @@ def test_tls_config_gives_osken_and_ovs_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("controller,expected", [
-    ("controller: {listen: 'ssl:127.0.0.1:6653'}\n", "needs a tls: block"),
-    ("controller:\n  listen: tcp:127.0.0.1:6653\nTLS", "only used with listen: ssl"),
+    ("controller: {listen: 'tcp:127.0.0.1:6653'}\n", "is plain TCP"),
+    ("controller: {insecure_tcp: true}\n", "insecure_tcp: true is only used with listen: tcp"),
+    ("controller: {pki_dir: pki}\n", "'pki' is not an absolute path"),
+    ("controller:\n  listen: tcp:127.0.0.1:6653\n  insecure_tcp: true\nTLS",
+     "only used with listen: ssl"),
     ("controller:\n  listen: ssl:127.0.0.1:6653\n  tls: {key: k.pem}\n",
      "is not an absolute path"),
     ("controller:\n  listen: ssl:127.0.0.1:6653\n  tls: {key: /nonexistent.pem}\n",
@@ -626,7 +648,8 @@ def test_bootstrap_with_plan_on_real_ovs(uid: str, netns_factory: Callable[..., 
     ns = netns_factory("h")
     ovs = ovs_factory(ns)
     host, plan = tmp_path / "host.yaml", tmp_path / "network-plan.json"
-    host.write_text(_host_text(ovs, uid))
+    pki = f"pki_dir: '{tmp_path}/pki'"  # the default ssl: channel, its PKI made here
+    host.write_text(_host_text(ovs, uid, f"controller: {{{pki}}}\n"))
     assert invoke("plan", "-c", str(host), "--no-peers", "-o", str(plan)).exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -640,7 +663,7 @@ def test_bootstrap_with_plan_on_real_ovs(uid: str, netns_factory: Callable[..., 
     assert f"changed: bridge me{uid}" in res.stdout
     # host.yaml drifts from the reviewed plan: refused, OVS left exactly as it was
     before = ovs.vsctl("--columns=target,max_backoff", "list", "Controller")
-    host.write_text(_host_text(ovs, uid, "controller: {max_backoff_ms: 4000}\n"))
+    host.write_text(_host_text(ovs, uid, f"controller: {{{pki}, max_backoff_ms: 4000}}\n"))
     res = bootstrap()
     assert res.returncode == 2
     assert f"bridges.me{uid}.controller.max_backoff_ms: the plan has 1000, host.yaml gives " \

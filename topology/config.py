@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -97,6 +99,23 @@ def _existing_file(value: Any) -> str:
 ExistingFile = Annotated[str, BeforeValidator(_existing_file)]
 
 
+PKI_FILES = ("controller-key.pem", "controller-cert.pem", "ca-cert.pem", "switch-key.pem",
+             "switch-cert.pem", "ca-cert.pem")  # the fields of TlsFiles, in order
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Both ends of the TLS channel: os-ken's key, certificate and the CA it checks
+    switches against; ovs-vswitchd's (OVSDB SSL row) key, certificate and CA."""
+
+    key: str
+    cert: str
+    ca_cert: str
+    switch_key: str
+    switch_cert: str
+    switch_ca: str
+
+
 class TlsCfg(_Strict):
     """The OpenFlow TLS channel (``controller.listen: ssl:...``), both ends.
 
@@ -118,32 +137,70 @@ class TlsCfg(_Strict):
         return self.switch_ca_cert or self.ca_cert
 
 
+DEFAULT_PKI_DIR = "/var/lib/socknet/pki"
+
+
 class ControllerCfg(_Strict):
-    listen: str = "tcp:127.0.0.1:6653"
+    """The OpenFlow channel. Default: ``ssl:`` on loopback with a per-host PKI that
+    ``socknet bootstrap`` creates in ``pki_dir`` (or the files of a ``tls:`` block).
+    Plain ``tcp:`` only with ``insecure_tcp: true``: unauthenticated, any local process
+    can connect and speak for a switch (docs/security.md)."""
+
+    insecure_tcp: bool = False  # declared before listen: listen's check reads it
+    listen: str = "ssl:127.0.0.1:6653"
+    pki_dir: str = DEFAULT_PKI_DIR  # bootstrap's CA, controller and switch certificates
     max_backoff_ms: int = Field(default=1000, ge=1000, le=60_000)
     inactivity_probe_ms: int = Field(default=5000, ge=1000, le=3_600_000)
-    tls: TlsCfg | None = None  # required with listen: ssl:..., refused with tcp:
+    tls: TlsCfg | None = None  # the operator's own PKI instead of pki_dir (ssl: only)
 
     @model_validator(mode="after")
     def _tls_matches_listen(self) -> ControllerCfg:
-        ssl = self.listen.startswith("ssl:")
-        if ssl and self.tls is None:
-            raise ValueError(f"listen {self.listen!r} needs a tls: block (key, cert, ca_cert, "
-                             "switch_key, switch_cert)")
-        if not ssl and self.tls is not None:
+        if not self.listen.startswith("ssl:") and self.tls is not None:
             raise ValueError(f"tls: is only used with listen: ssl:ADDRESS:PORT, not "
+                             f"{self.listen!r}")
+        if self.listen.startswith("ssl:") and self.insecure_tcp:
+            raise ValueError(f"insecure_tcp: true is only used with listen: tcp:..., not "
                              f"{self.listen!r}")
         return self
 
+    @field_validator("pki_dir")
+    @classmethod
+    def _pki_dir(cls, value: str) -> str:
+        if not Path(value).is_absolute():
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
+    @property
+    def managed_pki(self) -> bool:
+        """ssl: with the certificates bootstrap makes (no tls: block)."""
+        return self.listen.startswith("ssl:") and self.tls is None
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """The files of both ends of the TLS channel (None: plain tcp)."""
+        if not self.listen.startswith("ssl:"):
+            return None
+        if self.tls is not None:
+            t = self.tls
+            return TlsFiles(t.key, t.cert, t.ca_cert, t.switch_key, t.switch_cert, t.switch_ca)
+        d = Path(self.pki_dir)
+        return TlsFiles(*(str(d / name) for name in PKI_FILES))
+
     @field_validator("listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: str, info: ValidationInfo) -> str:
         m = LISTEN_RE.match(value)
         if not m:
             raise ValueError(f"{value!r} is not tcp:ADDRESS:PORT or ssl:ADDRESS:PORT")
         ipaddress.ip_address(m.group("host").strip("[]"))
         if not 0 < int(m.group("port")) < 65536:
             raise ValueError(f"port {m.group('port')} out of range")
+        if value.startswith("tcp:") and not info.data.get("insecure_tcp", False):
+            raise ValueError(
+                f"{value!r} is plain TCP: no authentication, any local process can connect "
+                "and pose as a switch. Use ssl: (the default; socknet bootstrap makes the "
+                "certificates), or set controller.insecure_tcp: true to accept the risk "
+                "(unsafe on shared hosts)")
         return value
 
     @property

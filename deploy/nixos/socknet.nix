@@ -190,6 +190,8 @@ in
         RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
         ProtectSystem = "strict";
         ReadWritePaths = [ "-/run/openvswitch" "-/var/run/openvswitch" ];
+        StateDirectory = "socknet";  # /var/lib/socknet/pki: the OpenFlow channel's PKI
+        StateDirectoryMode = "0700";
         ProtectHome = true;
         PrivateTmp = true;
         PrivateDevices = true;
