@@ -36,6 +36,7 @@ from labs import netns as nsl
 from labs.lab import _env
 from labs.policy_lab import PolicyLab
 from labs.waiting import eventually
+from topology.pipeline import METER_RATES
 
 pytestmark = pytest.mark.ovs
 
@@ -288,5 +289,5 @@ def test_audits_log_no_expected_errors_and_no_noop_lines(controller: PolicyLab) 
     assert all(e["level"] == "debug" for e in recs if e["flow_mods"] == 0)
     assert all(e["level"] == "info" for e in recs if e["flow_mods"] > 0)
     meters = lab.ovs.ofctl("-O", "OpenFlow14", "dump-meters", lab.ovs.mgmt("vmbr0"))
-    assert len(re.findall(r"meter=\d+", meters)) == 3
+    assert len(re.findall(r"meter=\d+", meters)) == len(METER_RATES)
     lab.start_controller()
