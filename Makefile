@@ -14,38 +14,56 @@ POLICY ?=
 # /usr/local/bin/socknet) and where the unit's Documentation= points
 BINDIR ?= /usr/local/bin
 DOCDIR ?= /usr/share/doc/socknet
+# Installing: every step's whole output goes to a log here; the terminal gets one line
+# per step (what, how long) and, only if the step fails, the log's last lines.
+LOGDIR ?= $(VENV)/log
 # net-*: the host.yaml to act on, and its reviewed plan (seed 000: network-plan.json)
 CONFIG ?= /etc/socknet/host.yaml
 PLAN ?= $(dir $(CONFIG))network-plan.json
 
 .PHONY: deps venv install demo test unit lint lab-up lab-down bench clean
 
-# System packages (Debian 12, root). Only calls apt when something is missing.
+# $(call quietly,WHAT,LOG,COMMAND) in a recipe's shell: prints "WHAT ... done in Ns",
+# appends COMMAND's output to LOG; on failure prints LOG's last lines and exits non-zero.
+# (No commas in the arguments: they separate them.)
+quietly = start=$$(date +%s); printf '%s ... ' "$(1)"; \
+	  echo "=== $$(date -Is) $(1): $(3)" >>"$(2)"; \
+	  if ( $(3) ) >>"$(2)" 2>&1; then echo "done in $$(( $$(date +%s) - start ))s"; \
+	  else rc=$$?; echo "FAILED (exit $$rc) after $$(( $$(date +%s) - start ))s; the end of $(2):"; \
+	  tail -n 40 "$(2)"; exit $$rc; fi
+
+# System packages (Debian 12, root). Only calls apt when something is missing. No
+# recommended packages: they would bring a kernel image (wireguard-tools recommends the
+# WireGuard module), dbus, udev, ...; nothing socknet or its tests use.
 deps:
 	@missing=""; for p in $(APT_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  mkdir -p $(LOGDIR); export DEBIAN_FRONTEND=noninteractive; \
+	  $(call quietly,apt: package lists,$(LOGDIR)/apt.log,apt-get update); \
+	  $(call quietly,apt:$$missing,$(LOGDIR)/apt.log,apt-get install -y --no-install-recommends $$missing); \
 	fi
 
-$(VENV)/.installed: setup.cfg requirements.lock
-	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c requirements.lock -e '.[test]'
-	touch $@
+# deps is order-only: checked every time, but only setup.cfg/requirements.lock reinstall.
+$(VENV)/.installed: setup.cfg requirements.lock | deps
+	@mkdir -p $(LOGDIR); \
+	$(call quietly,python venv $(VENV),$(LOGDIR)/pip.log,python3 -m venv $(VENV) && $(PIP) install --upgrade pip); \
+	$(call quietly,pip: socknet and $$(grep -c '==' requirements.lock) pinned packages,$(LOGDIR)/pip.log,$(PIP) install -c requirements.lock -e '.[test]')
+	@touch $@
 
 venv: deps $(VENV)/.installed
 
 # `socknet` on root's PATH, as the README and the systemd unit use it, and the
 # operations guide where the unit's Documentation= points.
 install: venv
-	ln -sfn $(abspath $(VENV))/bin/socknet $(BINDIR)/socknet
-	install -D -m 0644 docs/operations.md $(DOCDIR)/operations.md
+	@if [ "$$(readlink $(BINDIR)/socknet)" != "$(abspath $(VENV))/bin/socknet" ]; then \
+	  ln -sfn $(abspath $(VENV))/bin/socknet $(BINDIR)/socknet && \
+	  echo "installed $(BINDIR)/socknet -> $(abspath $(VENV))/bin/socknet"; fi
+	@install -D -m 0644 docs/operations.md $(DOCDIR)/operations.md
 
 demo: install
-	$(PY) -m labs.demo
+	@$(PY) -m labs.demo
 
 lab-up: install
 	$(PY) -m labs.lab up --hosts $(HOSTS) $(if $(POLICY),--policy $(POLICY))

@@ -22,7 +22,6 @@ Everything goes through the python-ovs IDL and pyroute2: no ``ovs-vsctl``.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,8 @@ from typing import Any
 import ovs.db.idl
 
 from controller import links
-from controller.ovsdb import COLUMNS, OvsdbError, OvsdbSnapshot, OvsdbView, commit
+from controller.ovsdb import COLUMNS, OvsdbError, OvsdbSnapshot, OvsdbView
+from controller.ovsdb_txn import NotApplied, TxnError, root_row, transact, wait_applied
 from controller.tls import ovs_ssl
 from topology.config import HostConfig
 
@@ -44,7 +44,6 @@ FAIL_MODE = "secure"
 # used for manager connections), which would bypass our "secure" pipeline.
 CONNECTION_MODE = "out-of-band"
 BRIDGE_OTHER_CONFIG = {"disable-in-band": "true"}
-MAX_TXN_ATTEMPTS = 5
 
 Txn = ovs.db.idl.Transaction
 Row = Any  # ovs.db.idl.Row: attribute access per column, no static types
@@ -143,7 +142,9 @@ class _Undo:
 
 
 @dataclass
-class _Plan:
+class BootstrapChanges:
+    """The changes staged in bootstrap's one transaction, in words, and their undo log."""
+
     created: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     undo: _Undo = field(default_factory=_Undo)
@@ -216,9 +217,9 @@ def _validate(cfg: HostConfig, view: OvsdbView, netns: str | None) -> bool:
 # --------------------------------------------------------------------------- transaction
 
 
-def _plan(cfg: HostConfig, idl: ovs.db.idl.Idl, txn: Txn) -> _Plan:
+def _stage(cfg: HostConfig, idl: ovs.db.idl.Idl, txn: Txn) -> BootstrapChanges:
     """Stage every needed change in ``txn``; record how to undo it."""
-    plan = _Plan()
+    plan = BootstrapChanges()
     undo = plan.undo
     root = next(iter(idl.tables["Open_vSwitch"].rows.values()))
     want_ctrl = _controller_settings(cfg)
@@ -286,7 +287,8 @@ def _plan(cfg: HostConfig, idl: ovs.db.idl.Idl, txn: Txn) -> _Plan:
     return plan
 
 
-def _fix_ssl(cfg: HostConfig, root: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _Plan) -> None:
+def _fix_ssl(cfg: HostConfig, root: Row, txn: Txn, idl: ovs.db.idl.Idl,
+             plan: BootstrapChanges) -> None:
     """The switch side of the TLS channel: OVSDB's one SSL row (ovs-vsctl set-ssl).
 
     Only with ``controller.listen: ssl:``; with plain tcp the SSL table is left
@@ -314,7 +316,8 @@ def _fix_ssl(cfg: HostConfig, root: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _P
             plan.changed.append(f"OVS SSL: {column} {current or 'unset'} -> {value}")
 
 
-def _fix_bridge(cfg: HostConfig, br: Row, txn: Txn, idl: ovs.db.idl.Idl, plan: _Plan) -> None:
+def _fix_bridge(cfg: HostConfig, br: Row, txn: Txn, idl: ovs.db.idl.Idl,
+                plan: BootstrapChanges) -> None:
     """Stage fixes for drifted settings of an existing bridge."""
     name = br.name
     undo = plan.undo
@@ -378,7 +381,7 @@ BOOTSTRAP_COLUMNS: dict[str, list[str]] = {
 }
 
 
-def _resolve(plan: _Plan, txn: Txn) -> None:
+def _resolve(plan: BootstrapChanges, txn: Txn) -> None:
     """Replace temporary uuids of inserted rows by the server's, after commit."""
     for temp in plan.new_bridges:
         real = txn.get_insert_uuid(temp)
@@ -392,54 +395,50 @@ def _resolve(plan: _Plan, txn: Txn) -> None:
 
 def _apply_undo(view: OvsdbView, undo: _Undo, timeout: float) -> None:
     """Second transaction: revert what ``undo`` describes (best effort, logged)."""
-    idl = view.idl
-    for _attempt in range(MAX_TXN_ATTEMPTS):
-        with view.lock:
-            txn = Txn(idl)
-            root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
-            if root is not None and undo.bridges:
-                drop = set(undo.bridges)
-                root.verify("bridges")
-                root.bridges = [b for b in root.bridges if b is not None and b.uuid not in drop]
-            bridges = idl.tables["Bridge"].rows
-            for br_uuid, port_uuid in undo.ports:
-                br = bridges.get(br_uuid)
-                if br is not None:
-                    br.verify("ports")
-                    br.ports = [p for p in br.ports if p is not None and p.uuid != port_uuid]
-            for table, row_uuid, column, old in reversed(undo.columns):
-                row = idl.tables[table].rows.get(row_uuid)
-                if row is not None:
-                    setattr(row, column, old)
-            for table, row_uuid, column, key, old_value in reversed(undo.mapkeys):
-                row = idl.tables[table].rows.get(row_uuid)
-                if row is None:
-                    continue
-                if old_value is None:
-                    row.delkey(column, key)
-                else:
-                    row.setkey(column, key, old_value)
-            for br_uuid, saved in undo.controllers:
-                br = bridges.get(br_uuid)
-                if br is None:
-                    continue
-                rows = []
-                for values in saved:
-                    ctrl = txn.insert(idl.tables["Controller"])
-                    for column, value in values.items():
-                        setattr(ctrl, column, value)
-                    rows.append(ctrl)
-                br.controller = rows
-            if root is not None:
-                root.increment("next_cfg")
-            status = commit(idl, txn, timeout)
-        if status in (Txn.SUCCESS, Txn.UNCHANGED):
-            return
-        if status != Txn.TRY_AGAIN:
-            log.error("rollback transaction failed: %s", txn.get_error())
-            return
-        view.run(0.5)
-    log.error("rollback transaction kept conflicting; gave up")
+
+    def stage(idl: ovs.db.idl.Idl, txn: Txn) -> bool:
+        root = root_row(idl)
+        if root is not None and undo.bridges:
+            drop = set(undo.bridges)
+            root.verify("bridges")
+            root.bridges = [b for b in root.bridges if b is not None and b.uuid not in drop]
+        bridges = idl.tables["Bridge"].rows
+        for br_uuid, port_uuid in undo.ports:
+            br = bridges.get(br_uuid)
+            if br is not None:
+                br.verify("ports")
+                br.ports = [p for p in br.ports if p is not None and p.uuid != port_uuid]
+        for table, row_uuid, column, old in reversed(undo.columns):
+            row = idl.tables[table].rows.get(row_uuid)
+            if row is not None:
+                setattr(row, column, old)
+        for table, row_uuid, column, key, old_value in reversed(undo.mapkeys):
+            row = idl.tables[table].rows.get(row_uuid)
+            if row is None:
+                continue
+            if old_value is None:
+                row.delkey(column, key)
+            else:
+                row.setkey(column, key, old_value)
+        for br_uuid, saved in undo.controllers:
+            br = bridges.get(br_uuid)
+            if br is None:
+                continue
+            rows = []
+            for values in saved:
+                ctrl = txn.insert(idl.tables["Controller"])
+                for column, value in values.items():
+                    setattr(ctrl, column, value)
+                rows.append(ctrl)
+            br.controller = rows
+        if root is not None:
+            root.increment("next_cfg")
+        return True
+
+    try:
+        transact(view, stage, comment="socknet bootstrap: rollback", timeout=timeout)
+    except TxnError as exc:
+        log.error("rollback transaction failed: %s", exc)
 
 
 def _remove_stale_ports(cfg: HostConfig, view: OvsdbView, timeout: float) -> list[str]:
@@ -451,113 +450,63 @@ def _remove_stale_ports(cfg: HostConfig, view: OvsdbView, timeout: float) -> lis
     waiting until ovs-vswitchd dropped them) makes the main transaction add
     them afresh. Not undone on rollback: those ports were dead anyway.
     """
-    idl = view.idl
-    for _attempt in range(MAX_TXN_ATTEMPTS):
-        removed: list[str] = []
-        with view.lock:
-            txn = Txn(idl)
-            txn.add_comment("socknet bootstrap: drop ports of vanished veth")
-            for br_name, port_name in _wanted(cfg):
-                br = _find(idl, "Bridge", br_name)
-                if br is None:
-                    continue
-                ports = [p for p in br.ports if p is not None]
-                keep = [p for p in ports if p.name != port_name]
-                if len(keep) != len(ports):
-                    br.verify("ports")
-                    br.ports = keep
-                    removed.append(f"removed stale port {port_name} from {br_name} (device gone)")
-            if not removed:
-                txn.abort()
-                return []
-            root = next(iter(idl.tables["Open_vSwitch"].rows.values()))
-            root.increment("next_cfg")
-            try:
-                status = commit(idl, txn, timeout)
-            except OvsdbError as exc:
-                raise BootstrapError(str(exc)) from exc
-        if status == Txn.SUCCESS:
-            if not _wait_cur_cfg(view, int(txn.get_increment_new_value()), timeout):
-                raise BootstrapError(
-                    f"ovs-vswitchd did not apply the configuration within {timeout:g}s "
-                    "(is ovs-vswitchd running?)"
-                )
-            return removed
-        if status != Txn.TRY_AGAIN:
-            raise BootstrapError(f"OVSDB transaction failed: {txn.get_error()}")
-        view.run(0.5)
-    raise BootstrapError("OVSDB transaction kept conflicting with concurrent changes")
 
+    def stage(idl: ovs.db.idl.Idl, txn: Txn) -> list[str] | None:
+        removed = []
+        for br_name, port_name in _wanted(cfg):
+            br = _find(idl, "Bridge", br_name)
+            if br is None:
+                continue
+            ports = [p for p in br.ports if p is not None]
+            keep = [p for p in ports if p.name != port_name]
+            if len(keep) != len(ports):
+                br.verify("ports")
+                br.ports = keep
+                removed.append(f"removed stale port {port_name} from {br_name} (device gone)")
+        if not removed:
+            return None
+        root_row(idl).increment("next_cfg")
+        return removed
 
-def _wait_applied(view: OvsdbView, cfg: HostConfig, next_cfg: int, timeout: float) -> None:
-    """Wait until ovs-vswitchd reached ``next_cfg`` and both veth ports have an ofport."""
-    deadline = time.monotonic() + timeout
-    idl = view.idl
-    while True:
-        with view.lock:
-            root = next(iter(idl.tables["Open_vSwitch"].rows.values()))
-            applied = root.cur_cfg >= next_cfg
-            problem = None
-            pending = False
-            if applied:
-                for br_name, port_name in _wanted(cfg):
-                    iface = _find(idl, "Interface", port_name)
-                    error = _opt(iface.error) if iface is not None else None
-                    ofport = _opt(iface.ofport) if iface is not None else None
-                    if error or ofport == -1:
-                        problem = (
-                            f"ovs-vswitchd could not add port {port_name} to {br_name}: "
-                            f"{error or 'ofport -1'}"
-                        )
-                    elif ofport is None:
-                        pending = True
-        if problem:
-            raise BootstrapError(problem)
-        if applied and not pending:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if not applied:
-                raise BootstrapError(
-                    f"ovs-vswitchd did not apply the configuration within {timeout:g}s "
-                    "(is ovs-vswitchd running?)"
-                )
-            raise BootstrapError(f"veth ports got no OpenFlow port number within {timeout:g}s")
-        view.run(min(remaining, 0.5))
+    try:
+        done = transact(view, stage, comment="socknet bootstrap: drop ports of vanished veth",
+                        timeout=timeout)
+        if done is None:
+            return []
+        wait_applied(view, done.next_cfg, timeout)
+    except OvsdbError as exc:
+        raise BootstrapError(str(exc)) from exc
+    return done.staged
 
 
 def _transact(
     cfg: HostConfig, view: OvsdbView, result: BootstrapResult, timeout: float
 ) -> tuple[_Undo, int | None]:
     """Stage, commit (retrying on conflicts); returns the undo log and next_cfg."""
-    idl = view.idl
-    for _attempt in range(MAX_TXN_ATTEMPTS):
-        with view.lock:
-            txn = Txn(idl)
-            txn.add_comment("socknet bootstrap")
-            try:
-                plan = _plan(cfg, idl, txn)
-            except BaseException:
-                txn.abort()
-                raise
-            if not plan.created and not plan.changed:
-                txn.abort()
-                return _Undo(), None
-            try:
-                status = commit(idl, txn, timeout)
-            except OvsdbError as exc:
-                raise BootstrapError(str(exc)) from exc
-            if status == Txn.SUCCESS:
-                _resolve(plan, txn)
-                result.created.extend(plan.created)
-                result.changed.extend(plan.changed)
-                return plan.undo, int(txn.get_increment_new_value())
-            if status == Txn.UNCHANGED:
-                return _Undo(), None
-        if status != Txn.TRY_AGAIN:
-            raise BootstrapError(f"OVSDB transaction failed: {txn.get_error()}")
-        view.run(0.5)  # someone else changed the DB meanwhile: re-read and re-plan
-    raise BootstrapError("OVSDB transaction kept conflicting with concurrent changes")
+
+    def stage(idl: ovs.db.idl.Idl, txn: Txn) -> BootstrapChanges | None:
+        changes = _stage(cfg, idl, txn)
+        return changes if changes.created or changes.changed else None
+
+    try:
+        done = transact(view, stage, comment="socknet bootstrap", timeout=timeout)
+    except OvsdbError as exc:
+        raise BootstrapError(str(exc)) from exc
+    if done is None:
+        return _Undo(), None
+    _resolve(done.staged, done.txn)
+    result.created.extend(done.staged.created)
+    result.changed.extend(done.staged.changed)
+    return done.staged.undo, done.next_cfg
+
+
+def _wait_applied(view: OvsdbView, cfg: HostConfig, next_cfg: int | None,
+                  timeout: float) -> None:
+    """Wait until ovs-vswitchd reached ``next_cfg`` and both veth ports have an ofport."""
+    try:
+        wait_applied(view, next_cfg, timeout, ports=[port for _, port in _wanted(cfg)])
+    except OvsdbError as exc:
+        raise BootstrapError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- entry points
@@ -612,7 +561,7 @@ def bootstrap(
             # ---- step 3: one OVSDB transaction
             undo, next_cfg = _transact(cfg, view, result, timeout)
             # ---- step 4: ovs-vswitchd applied it?
-            _wait_applied(view, cfg, next_cfg if next_cfg is not None else 0, timeout)
+            _wait_applied(view, cfg, next_cfg, timeout)
         except BaseException as exc:
             _rollback(view, undo, veth_created, cfg, netns, timeout)
             if isinstance(exc, BootstrapError):
@@ -669,29 +618,27 @@ def teardown(cfg: HostConfig, *, netns: str | None = None, timeout: float = 10.0
     view = _open_view(cfg, timeout)
     try:
         names = {cfg.bridges.mesh.name, cfg.bridges.socket.name}
-        idl = view.idl
-        for _attempt in range(MAX_TXN_ATTEMPTS):
-            with view.lock:
-                root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
-                present = [b for b in idl.tables["Bridge"].rows.values() if b.name in names]
-                if root is None or not present:
-                    break
-                txn = Txn(idl)
-                txn.add_comment("socknet teardown")
-                root.verify("bridges")
-                root.bridges = [b for b in root.bridges if b is not None and b.name not in names]
-                root.increment("next_cfg")
-                try:
-                    status = commit(idl, txn, timeout)
-                except OvsdbError as exc:
-                    raise BootstrapError(str(exc)) from exc
-            if status == Txn.SUCCESS:
-                removed.extend(f"bridge {b}" for b in sorted(names & {p.name for p in present}))
-                _wait_cur_cfg(view, int(txn.get_increment_new_value()), timeout)
-                break
-            if status != Txn.TRY_AGAIN:
-                raise BootstrapError(f"OVSDB transaction failed: {txn.get_error()}")
-            view.run(0.5)
+
+        def stage(idl: ovs.db.idl.Idl, txn: Txn) -> list[str] | None:
+            root = root_row(idl)
+            present = {b.name for b in idl.tables["Bridge"].rows.values()} & names
+            if root is None or not present:
+                return None
+            root.verify("bridges")
+            root.bridges = [b for b in root.bridges if b is not None and b.name not in names]
+            root.increment("next_cfg")
+            return [f"bridge {b}" for b in sorted(present)]
+
+        try:
+            done = transact(view, stage, comment="socknet teardown", timeout=timeout)
+        except OvsdbError as exc:
+            raise BootstrapError(str(exc)) from exc
+        if done is not None:
+            removed.extend(done.staged)
+            try:
+                wait_applied(view, done.next_cfg, timeout)
+            except NotApplied:
+                log.warning("ovs-vswitchd did not apply the change within %gs", timeout)
         try:
             if links.delete_link(cfg.bridges.mesh.to_socket, netns=netns):
                 removed.append(
@@ -706,17 +653,3 @@ def teardown(cfg: HostConfig, *, netns: str | None = None, timeout: float = 10.0
     finally:
         view.close()
 
-
-def _wait_cur_cfg(view: OvsdbView, next_cfg: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    idl = view.idl
-    while True:
-        with view.lock:
-            root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
-            if root is None or root.cur_cfg >= next_cfg:
-                return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            log.warning("ovs-vswitchd did not apply the change within %gs", timeout)
-            return False
-        view.run(min(remaining, 0.5))

@@ -414,8 +414,8 @@ def _sync_mesh_peers(cfg: HostConfig) -> None:
         click.echo(f"changed: mesh peer port {change}")
     for err in result.errors:
         click.echo(f"socknet: warning: mesh peers: {err}", err=True)
-    live = sum(1 for p in result.plans if p.device is not None)
-    click.echo(f"mesh peers: {len(result.plans)} on {cfg.bridges.mesh.wg_interface}, "
+    live = sum(1 for p in result.decisions if p.device is not None)
+    click.echo(f"mesh peers: {len(result.decisions)} on {cfg.bridges.mesh.wg_interface}, "
                f"{live} with a port")
 
 

@@ -1,4 +1,5 @@
-"""Kernel link helpers (pyroute2): the veth pair between the two bridges, TX offload.
+"""Kernel link helpers (pyroute2): the veth pair between the two bridges, TX offload,
+the per-peer VXLAN devices of the mesh (controller.peersync) and interface addresses.
 
 Every function takes an optional keyword ``netns`` (a named network namespace,
 ``/var/run/netns/<name>``); ``None`` means the namespace of the calling thread,
@@ -21,6 +22,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as _netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from topology.peers import LinkState, VxDevice
 
 log = logging.getLogger(__name__)
 
@@ -290,3 +293,97 @@ def disable_tx_offload(name: str, *, netns: str | None = None) -> bool:
     )
     _tx_off_ethtool_cli(name, netns)
     return True
+
+
+# --------------------------------------------------------------------------- addresses, VXLAN
+
+
+def ifindex(name: str, *, netns: str | None = None) -> int | None:
+    """The interface index of ``name``, None if there is no such interface."""
+    with _iproute(netns) as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        return int(idx[0]) if idx else None
+
+
+def interface_ipv4(name: str, *, netns: str | None = None) -> str | None:
+    """The first IPv4 address of ``name``, None if it has none (or does not exist)."""
+    with _iproute(netns) as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            return None
+        for msg in ipr.get_addr(index=idx[0], family=2):
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                return str(addr)
+        return None
+
+
+def _link_state(msg: Any) -> LinkState:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+
+    def attr(name: str) -> Any:
+        return data.get_attr(name) if data is not None and hasattr(data, "get_attr") else None
+
+    return LinkState(
+        name=str(msg.get_attr("IFLA_IFNAME")), index=int(msg["index"]),
+        kind=str(kind) if kind is not None else None,
+        vni=attr("IFLA_VXLAN_ID"), remote=attr("IFLA_VXLAN_GROUP"),
+        local=attr("IFLA_VXLAN_LOCAL"), link=attr("IFLA_VXLAN_LINK"),
+        port=attr("IFLA_VXLAN_PORT"), learning=attr("IFLA_VXLAN_LEARNING"),
+        mtu=msg.get_attr("IFLA_MTU"), up=bool(msg["flags"] & IFF_UP),
+    )
+
+
+def link_states(*, netns: str | None = None) -> dict[str, LinkState]:
+    """Every interface of the namespace by name, with its VXLAN attributes if it has any."""
+    with _iproute(netns) as ipr:
+        return {s.name: s for s in map(_link_state, ipr.get_links())}
+
+
+def create_vxlan(dev: VxDevice, link_index: int, *, netns: str | None = None) -> None:
+    """Make ``dev``: VXLAN over the device ``link_index``, learning off, its MTU, GRO off,
+    up. LinkError (and nothing left behind) if that fails."""
+    with _iproute(netns) as ipr:
+        try:
+            ipr.link("add", ifname=dev.name, kind="vxlan", vxlan_id=dev.vni,
+                     vxlan_group=dev.remote, vxlan_local=dev.local, vxlan_link=link_index,
+                     vxlan_port=dev.port, vxlan_learning=0)
+            idx = ipr.link_lookup(ifname=dev.name)[0]
+            ipr.link("set", index=idx, mtu=dev.mtu)
+            gro_off(dev.name, netns=netns)
+            ipr.link("set", index=idx, state="up")
+        except NetlinkError as exc:
+            if ipr.link_lookup(ifname=dev.name):
+                try:
+                    ipr.link("del", index=ipr.link_lookup(ifname=dev.name)[0])
+                except NetlinkError:
+                    pass
+            raise LinkError(f"cannot create {dev.name} (vni {dev.vni}, remote {dev.remote}): "
+                            f"{exc}") from exc
+
+
+def gro_off(name: str, *, netns: str | None = None) -> None:
+    """GRO off: coalesced TCP frames larger than the MTU would be dropped by OVS."""
+    from pyroute2.ethtool import Ethtool  # imported lazily: it pulls in genl code
+
+    with in_netns(netns):
+        eth = Ethtool()
+    try:
+        if eth.get_offload_flags(name).get("generic-receive-offload", False):
+            eth.set_offload_flag(name, "generic-receive-offload", 0)
+    except Exception as exc:  # an odd pyroute2/kernel combination: say so, go on
+        log.warning("could not turn GRO off on %s: %s", name, exc)
+    finally:
+        eth.close()
+
+
+def set_link(index: int, *, mtu: int | None = None, up: bool = False,
+             netns: str | None = None) -> None:
+    """Set the MTU of interface ``index`` (if given) and set it up (if ``up``)."""
+    with _iproute(netns) as ipr:
+        if mtu is not None:
+            ipr.link("set", index=index, mtu=mtu)
+        if up:
+            ipr.link("set", index=index, state="up")

@@ -1,6 +1,7 @@
 """`socknet status`: OVSDB view (bridges, ports, roles, controller) + flows per table, the
 policy's per-rule counters and the drop counters (both from the switch's flow statistics,
-counted by topology.counters as the metrics endpoint does)."""
+counted by topology.counters as the metrics endpoint does), and the mesh's WireGuard peers
+with the port each has."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +144,8 @@ def collect_status(cfg: HostConfig, policy_path: Path | None = None) -> dict[str
     if elsewhere is None:  # in the wrong namespace every peer would look down: say nothing
         peers = _mesh_peers(cfg, snap.ports.get(cfg.bridges.mesh.name, {}))
         if peers is not None:
-            from controller.peersync import status_problems
-
             data["mesh_peers"] = peers
-            data["problems"].extend(status_problems(peers))
+            data["problems"].extend(peer_problems(peers))
     return data
 
 
@@ -198,7 +199,6 @@ def _mesh_peers(cfg: HostConfig, mesh_ports: dict[str, int]) -> dict[str, Any] |
     """The mesh interface's WireGuard peers and their ports; None where there is no such
     interface and socknet does not manage the per-peer ports (nothing to say)."""
     from controller import links, wgpeers
-    from controller.peersync import peer_status
 
     mesh = cfg.bridges.mesh
     if not (mesh.vxlan or links.link_exists(mesh.wg_interface)
@@ -246,9 +246,87 @@ def format_status(data: dict[str, Any]) -> str:
             lines.append(f"  {r['rule']:<24} {r['action']:<5} {r['packets']:>10} "
                          f"{r['bytes']:>12}")
     if data.get("mesh_peers"):
-        from controller.peersync import format_peers
-
         lines.extend(format_peers(data["mesh_peers"]))
     for problem in data.get("problems", []):
         lines.append(f"problem: {problem}")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- mesh peers
+
+
+def peer_status(cfg: HostConfig, mesh_ports: dict[str, int], *, netns: str | None = None,
+                wg_cmd: Sequence[str] | None = ("wg",), now: float | None = None
+                ) -> dict[str, Any]:
+    """JSON-ready peers of the mesh interface and the mesh port each maps to.
+
+    With ``vxlan: true`` a peer maps to the device topology.peers gives it; otherwise
+    to whichever VXLAN device of this namespace has the peer's mesh address as remote
+    (e.g. the lab's manual ``vx-h2``).
+    """
+    from controller import peersync, wgpeers
+
+    mesh = cfg.bridges.mesh
+    now = time.time() if now is None else now
+    try:
+        reading = peersync.read_mesh_cfg(cfg, netns=netns, wg_cmd=wg_cmd)
+    except wgpeers.WgError as exc:
+        return {"interface": mesh.wg_interface, "managed": mesh.vxlan, "error": str(exc),
+                "peers": []}
+    decisions = peersync.decide(cfg, reading, now)
+    try:
+        by_remote = {s.remote: n for n, s in sorted(peersync.vxlan_links(netns).items())
+                     if s.kind == "vxlan" and s.remote}
+    except Exception:  # status must not fail on a netlink hiccup
+        by_remote = {}
+    peers = []
+    for p in decisions:
+        remote = p.peer.mesh_address
+        if mesh.vxlan:
+            port = p.device.name if p.device is not None else None
+        else:
+            port = by_remote.get(remote) if remote else None
+        peers.append({
+            "public_key": p.peer.public_key,
+            "endpoint": p.peer.endpoint,
+            "allowed_ips": list(p.peer.allowed_ips),
+            "last_handshake": p.peer.last_handshake,
+            "handshake_age_s": None if p.handshake_age_s is None else round(p.handshake_age_s),
+            "stale": p.stale,
+            "port": port,
+            "ofport": mesh_ports.get(port) if port else None,
+            "vni": p.device.vni if p.device is not None else None,
+            "note": p.reason,
+        })
+    return {"interface": reading.interface, "source": reading.source, "managed": mesh.vxlan,
+            "local_ip": reading.local_ip, "public_key": reading.public_key, "peers": peers}
+
+
+def peer_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong with the mesh peers (only where socknet manages their devices)."""
+    if not data.get("managed"):
+        return []
+    if data.get("error"):
+        return [f"mesh peers: {data['error']}"]
+    return [f"mesh peer {p['public_key']}: live but port {p['port']} is not on the bridge"
+            for p in data.get("peers", []) if p["port"] and p["ofport"] is None]
+
+
+def format_peers(data: dict[str, Any]) -> list[str]:
+    managed = "socknet-managed VXLAN ports" if data.get("managed") else "ports made elsewhere"
+    if data.get("error"):
+        return [f"mesh peers of {data['interface']}: unavailable ({data['error']})"]
+    lines = [f"mesh peers of {data['interface']} (read via {data['source']}, local "
+             f"{data.get('local_ip') or '?'}, {managed}):"]
+    if not data["peers"]:
+        lines.append("  none")
+    for p in data["peers"]:
+        age = "never" if p["handshake_age_s"] is None else f"{p['handshake_age_s']} s ago"
+        port = (f"{p['port']} (ofport {p['ofport'] if p['ofport'] is not None else 'none'})"
+                if p["port"] else "no port")
+        lines.append(f"  {p['public_key']}  endpoint {p['endpoint'] or '-'}  allowed "
+                     f"{','.join(p['allowed_ips']) or '-'}  handshake {age}"
+                     f"{'  STALE' if p['stale'] else ''}  -> {port}")
+        if p.get("note") and not p["stale"]:
+            lines.append(f"      {p['note']}")
+    return lines

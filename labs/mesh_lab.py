@@ -11,7 +11,7 @@ only configured inside those namespaces (P = the lab prefix, N = 1..3)::
               vx-<hash> kernel VXLAN to each peer host M over the WireGuard
                         addresses (remote 100.100.0.M, dev netmaker, MTU 1370),
                         made and removed by socknet itself (host.yaml `vxlan:
-                        true`, controller.peersync: name and VNI from the peers'
+                        true`, controller.peersync; topology.peers: name and VNI from the peers'
                         public keys) as a port of `mesh`, matched by `uplinks:
                         ["vx-*"]`. ``MeshLab(..., socknet_vxlan=False)`` keeps the
                         older manual devices vx-h<M> (VNI ``vni(N, M)``) instead.
@@ -321,7 +321,7 @@ class MeshHost(SocketLab):
         """Peer host -> the name of this host's mesh port towards it."""
         if not self.lab.socknet_vxlan:
             return {m: vx_port(m) for m in self.peers()}
-        from controller.peersync import device_name
+        from topology.peers import device_name
 
         return {m: device_name(self.lab.keys[f"h{m}"].public) for m in self.peers()}
 
@@ -525,7 +525,7 @@ class MeshLab:
         """VNI of the VXLAN link between hosts a and b, as this lab makes them."""
         if not self.socknet_vxlan:
             return vni(a, b)
-        from controller.peersync import pair_vni
+        from topology.peers import pair_vni
 
         return pair_vni(self.keys[f"h{a}"].public, self.keys[f"h{b}"].public)
 

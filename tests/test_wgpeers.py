@@ -1,4 +1,5 @@
-"""controller.wgpeers: parsers on captured text, the I/O fallbacks, and a real wireguard-go."""
+"""controller.wgpeers and topology.wgformat: parsers on captured text, the I/O fallbacks,
+and a real wireguard-go."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from controller import wgpeers as wp
 from controller.wgpeers import WgError, WgPeer
+from topology import wgformat as wf
 
 # Captured from wireguard-go v0.0.20220316 (UAPI get=1 on host 1's `netmaker` of a 3-host
 # MeshLab) and from `wg show ... dump` of wireguard-tools v1.0.20210914 on the same lab.
@@ -89,6 +91,7 @@ DUMP_ALL = (
     "100.100.0.2/32\t1795504575\t220\t276\toff\n"
     "netmaker\ti5xK6AkXAOiSnKQ1P+iRbJlLS0NJJG8zBobM0wtDQR8=\t(none)\t(none)\t(none)\t0\t0\t0\t25\n"
 )
+HOST1_PUBLIC = "88b1BHRDUEWnOJywYyPCSJ0Aj0uwQe8/JHnuxV3nNw8="
 KEY_A = "0XYbvBmS1uAlTuuZneSuIK4ofMgJuNtLtzm4/1tLSTo="
 KEY_B = "i5xK6AkXAOiSnKQ1P+iRbJlLS0NJJG8zBobM0wtDQR8="
 KEY_C = "3E33gWdvphjJio9DMPL7lvrbiKjkPxluIuBCj4ZWylk="
@@ -124,7 +127,7 @@ def _b64(hexkey: str) -> str:
 
 
 def test_parse_uapi_two_peers():
-    peers = wp.parse_uapi(UAPI_NETMAKER)
+    peers = wf.parse_uapi(UAPI_NETMAKER)
     assert peers == [
         WgPeer(_b64("d1761bbc1992d6e0254eeb999de4ae20ae287cc809b8db4bb739b8ff5b4b493a"),
                "192.0.2.2:51821", ("100.100.0.2/32",), 1795504575, 220, 276),
@@ -134,7 +137,7 @@ def test_parse_uapi_two_peers():
 
 
 def test_parse_uapi_several_allowed_ips_no_endpoint_never_handshaken():
-    a, b = wp.parse_uapi(UAPI_EXIT)
+    a, b = wf.parse_uapi(UAPI_EXIT)
     assert a.allowed_ips == ("172.16.0.1/32", "10.0.0.100/32")
     assert a.endpoint == "172.31.1.2:36525"
     assert b.endpoint is None and b.allowed_ips == () and b.last_handshake is None
@@ -142,9 +145,9 @@ def test_parse_uapi_several_allowed_ips_no_endpoint_never_handshaken():
 
 
 def test_parse_uapi_device_without_peers_and_ipv6_endpoint():
-    assert wp.parse_uapi("private_key=" + "11" * 32 + "\nlisten_port=1\nerrno=0\n\n") == []
+    assert wf.parse_uapi("private_key=" + "11" * 32 + "\nlisten_port=1\nerrno=0\n\n") == []
     text = f"public_key={'ab' * 32}\nendpoint=[2001:db8::1]:51820\nallowed_ip=::/0\nerrno=0\n"
-    (p,) = wp.parse_uapi(text)
+    (p,) = wf.parse_uapi(text)
     assert p.endpoint == "[2001:db8::1]:51820" and p.allowed_ips == ("::/0",)
 
 
@@ -157,41 +160,41 @@ def test_parse_uapi_device_without_peers_and_ipv6_endpoint():
 ])
 def test_parse_uapi_errors(text: str, why: str):
     with pytest.raises(WgError, match=why):
-        wp.parse_uapi(text)
+        wf.parse_uapi(text)
 
 
 # --------------------------------------------------------------------------- wg show dump
 
 
 def test_parse_wg_dump_one_interface():
-    peers = wp.parse_wg_dump(DUMP_NETMAKER)
+    peers = wf.parse_wg_dump(DUMP_NETMAKER)
     assert [p.public_key for p in peers] == [KEY_A, KEY_B]
     assert peers[0] == WgPeer(KEY_A, "192.0.2.2:51821", ("100.100.0.2/32",), 1795504575, 220, 276)
 
 
 def test_parse_wg_dump_all_filters_interface_and_none_fields():
-    peers = wp.parse_wg_dump(DUMP_ALL, interface="netmaker")
+    peers = wf.parse_wg_dump(DUMP_ALL, interface="netmaker")
     assert [p.public_key for p in peers] == [KEY_A, KEY_B]
     assert peers[1] == WgPeer(KEY_B, None, (), None, 0, 0)
-    (warp,) = wp.parse_wg_dump(DUMP_ALL, interface="wgwarp")
+    (warp,) = wf.parse_wg_dump(DUMP_ALL, interface="wgwarp")
     assert warp.public_key == KEY_C and warp.allowed_ips == ("0.0.0.0/0",)
-    assert len(wp.parse_wg_dump(DUMP_ALL)) == 3
+    assert len(wf.parse_wg_dump(DUMP_ALL)) == 3
 
 
 def test_parse_wg_dump_several_allowed_ips_and_errors():
     line = f"{KEY_A}\t(none)\t192.0.2.2:1\t10.0.0.0/24,fd00::/64\t5\t1\t2\toff\n"
-    assert wp.parse_wg_dump(line)[0].allowed_ips == ("10.0.0.0/24", "fd00::/64")
+    assert wf.parse_wg_dump(line)[0].allowed_ips == ("10.0.0.0/24", "fd00::/64")
     with pytest.raises(WgError, match="fields"):
-        wp.parse_wg_dump("a\tb\tc\n")
+        wf.parse_wg_dump("a\tb\tc\n")
     with pytest.raises(WgError, match="base64"):
-        wp.parse_wg_dump("not-a-key\t(none)\t(none)\t(none)\t0\t0\t0\toff\n")
+        wf.parse_wg_dump("not-a-key\t(none)\t(none)\t(none)\t0\t0\t0\toff\n")
 
 
 # --------------------------------------------------------------------------- wg-quick files
 
 
 def test_parse_wg_conf_str_list_and_disabled_peers():
-    peers = wp.parse_wg_conf(WG_QUICK_CONF)
+    peers = wf.parse_wg_conf(WG_QUICK_CONF)
     assert peers == [
         WgPeer(KEY_A, "192.0.2.2:51821", ("100.100.0.2/32",)),
         WgPeer(KEY_B, None, ("100.100.0.3/32", "10.0.3.0/24", "fd00::3/128")),
@@ -200,9 +203,9 @@ def test_parse_wg_conf_str_list_and_disabled_peers():
 
 def test_parse_wg_conf_errors():
     with pytest.raises(WgError, match="PublicKey"):
-        wp.parse_wg_conf("[Interface]\nListenPort = 1\n[Peer]\nAllowedIPs = 10.0.0.0/8\n")
+        wf.parse_wg_conf("[Interface]\nListenPort = 1\n[Peer]\nAllowedIPs = 10.0.0.0/8\n")
     with pytest.raises(WgError, match="Unsupported section"):
-        wp.parse_wg_conf("[Interface]\n[Bogus]\n")
+        wf.parse_wg_conf("[Interface]\n[Bogus]\n")
 
 
 def test_peers_from_conf_file(tmp_path: Path):
@@ -253,7 +256,7 @@ def test_parse_netlink_peers_and_split_messages():
         [("WGPEER_A_PUBLIC_KEY", KEY_B),
          ("WGPEER_A_ALLOWEDIPS", [_allowed(10, bytes.fromhex("fd00" + "00" * 13 + "03"), 128)])],
     ])
-    peers = wp.parse_netlink([first, second])
+    peers = wf.parse_netlink([first, second])
     assert peers == [
         WgPeer(KEY_A, "192.0.2.2:51821", ("100.100.0.2/32",), 1700000000, 100, 200),
         WgPeer(KEY_B, "[2001:db8::1]:51820", ("10.0.3.0/24", "fd00::3/128"), None, 0, 0),
@@ -272,11 +275,11 @@ def test_netlink_unavailable_without_kernel_wireguard():
 
 def test_key_conversions():
     hexkey = "d1761bbc1992d6e0254eeb999de4ae20ae287cc809b8db4bb739b8ff5b4b493a"
-    assert wp.b64_to_hex(wp.hex_to_b64(hexkey)) == hexkey
+    assert wf.b64_to_hex(wf.hex_to_b64(hexkey)) == hexkey
     with pytest.raises(WgError):
-        wp.b64_to_hex("AAAA")
+        wf.b64_to_hex("AAAA")
     with pytest.raises(WgError):
-        wp.b64_to_hex("!!not base64!!")
+        wf.b64_to_hex("!!not base64!!")
 
 
 def test_staleness_and_host_addresses():
@@ -285,6 +288,36 @@ def test_staleness_and_host_addresses():
     assert not p.is_stale(now=1100) and p.is_stale(now=1000 + wp.STALE_AFTER_S + 1)
     assert WgPeer(KEY_A).is_stale(now=0) and WgPeer(KEY_A).handshake_age() is None
     assert p.host_addresses == ("100.100.0.2", "fd00::3")
+
+
+def test_x25519_rfc7748_vector():
+    private = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"
+    public = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    assert base64.b64decode(wf.public_from_private(private)).hex() == public
+
+
+@pytest.mark.skipif(shutil.which("wg") is None, reason="wireguard-tools not installed")
+def test_public_key_matches_wg_pubkey():
+    priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    raw = base64.b64decode(priv)
+    assert wf.public_from_private(raw.hex()) == pub
+
+
+def test_private_key_from_uapi_device_section_only():
+    text = ("private_key=aa\nlisten_port=51821\npublic_key=bb\nprivate_key=cc\n"
+            "errno=0\n")
+    assert wf.uapi_private_key(text) == "aa"
+    assert wf.uapi_private_key("listen_port=1\npublic_key=bb\n") is None
+
+
+def test_own_public_key_in_the_captured_texts():
+    # the UAPI's private key and the dump's key pair are the same device's
+    assert wf.public_from_private(wf.uapi_private_key(UAPI_NETMAKER) or "") == HOST1_PUBLIC
+    assert wf.wg_dump_public_key(DUMP_NETMAKER) == HOST1_PUBLIC
+    assert wf.wg_dump_public_key(DUMP_NETMAKER.split("\n", 1)[1]) is None  # no device line
 
 
 # --------------------------------------------------------------------------- I/O fallbacks
@@ -364,6 +397,25 @@ def test_read_peers_falls_back_to_wg_show(tmp_path: Path, monkeypatch: pytest.Mo
     reading = wp.read_peers("netmaker", sock_dir=tmp_path, wg_cmd=fake_wg)
     assert reading.source == "wg-show"
     assert [p.public_key for p in reading.peers] == [KEY_A, KEY_B]
+
+
+def test_read_peers_with_the_devices_own_key(fake_uapi, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(wp, "kernel_wireguard", lambda: False)
+    sock_dir = fake_uapi("netmaker", UAPI_NETMAKER)
+    assert wp.read_peers("netmaker", sock_dir=sock_dir, wg_cmd=None).public_key is None
+    reading = wp.read_peers("netmaker", sock_dir=sock_dir, wg_cmd=None, with_key=True)
+    assert (reading.source, reading.public_key) == ("uapi", HOST1_PUBLIC)
+    dump = tmp_path / "dump.txt"
+    dump.write_text(DUMP_NETMAKER)
+    fake_wg = [sys.executable, "-c", f"import sys; sys.stdout.write(open({str(dump)!r}).read())"]
+    reading = wp.read_peers("netmaker", sock_dir=tmp_path, wg_cmd=fake_wg, with_key=True)
+    assert (reading.source, reading.public_key) == ("wg-show", HOST1_PUBLIC)
+    monkeypatch.setattr(wp, "kernel_wireguard", lambda: True)
+    monkeypatch.setattr(wp, "peers_from_netlink", lambda ifname: [WgPeer(KEY_A)])
+    monkeypatch.setattr(wp, "public_key_from_netlink", lambda ifname: KEY_B)
+    reading = wp.read_peers("netmaker", sock_dir=tmp_path, with_key=True)
+    assert (reading.source, reading.public_key) == ("netlink", KEY_B)
 
 
 def test_read_peers_reports_every_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
