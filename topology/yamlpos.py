@@ -46,6 +46,14 @@ _COLLECTION_TAGS = {
 }
 
 
+# control characters, and what str.splitlines() takes for a line break
+_BREAKS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(m: re.Match[str]) -> str:
+    return m.group().encode("unicode_escape").decode("ascii")
+
+
 class YamlRefused(yaml.YAMLError):
     """A file refused before or while parsing: the line and the reason."""
 
@@ -257,8 +265,9 @@ def yaml_problem(path: str, exc: yaml.YAMLError) -> str:
 
 
 def capped(problems: list[str]) -> list[str]:
-    """Each problem once, in order; at most MAX_PROBLEMS and a count of the rest."""
-    unique = list(dict.fromkeys(problems))
+    """Each problem once, in order, each on one line (a key may hold a line break);
+    at most MAX_PROBLEMS and a count of the rest."""
+    unique = list(dict.fromkeys(_BREAKS.sub(_escaped, p) for p in problems))
     if len(unique) <= MAX_PROBLEMS + 1:  # a count line would take the last one's place
         return unique
     return [*unique[:MAX_PROBLEMS], f"... and {len(unique) - MAX_PROBLEMS} more problems"]
