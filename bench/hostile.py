@@ -114,6 +114,19 @@ def near_limit_cidrs(size: int = 4 * 1024 * 1024 - 4096) -> bytes:
     return ("\n".join(out) + "\n" + POLICY_TAIL).encode()
 
 
+def largest_policy(flows: int = 115_000, tests: int = 2_000) -> bytes:
+    """About the most a policy may be: ``flows`` rule flows (the limit is 120,000) and
+    ``tests`` tests (the limit), so `check` builds the simulator and runs them all."""
+    from bench.policygen import sized_policy
+
+    lines = ["tests:"]
+    for k in range(tests):
+        port = 8000 + k % 100
+        lines.append(f"  - {{from: 10.100.0.1, to: 10.100.4.{2 * (k % 100) + 1}, "
+                     f"tcp: {port}, expect: {'allow' if port == 8000 else 'deny'}}}")
+    return (sized_policy(flows) + "\n".join(lines) + "\n").encode()
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -139,6 +152,7 @@ CASES = (
          lambda: many_tiers(1_000, internal=True, stride=2), True),
     Case("5,000 rules between the same tiers", "policy", same_sides_rules, False),
     Case("4 MB of /32s in one tier", "policy", near_limit_cidrs, True),
+    Case("largest accepted policy: 115k flows, 2,000 tests", "policy", largest_policy, False),
     Case("50 MB policy", "policy", oversized, True),
 )
 
