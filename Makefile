@@ -5,13 +5,20 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PKGS := openvswitch-switch openvswitch-common wireguard-tools wireguard-go iproute2 \
             ethtool iputils-ping iperf3 tcpdump procps psmisc python3-venv graphviz \
-            mininet net-tools openssl
+            mininet net-tools openssl curl systemd
 HOSTS ?= 1
+# lab-up: a policy.yaml to enforce (one service container per tier), e.g.
+# make lab-up POLICY=examples/pmoves-tiers.yaml
+POLICY ?=
+# install: where `socknet` goes on root's PATH (the systemd unit runs
+# /usr/local/bin/socknet) and where the unit's Documentation= points
+BINDIR ?= /usr/local/bin
+DOCDIR ?= /usr/share/doc/socknet
 # net-*: the host.yaml to act on, and its reviewed plan (seed 000: network-plan.json)
 CONFIG ?= /etc/socknet/host.yaml
 PLAN ?= $(dir $(CONFIG))network-plan.json
 
-.PHONY: deps venv demo test unit lint lab-up lab-down bench clean
+.PHONY: deps venv install demo test unit lint lab-up lab-down bench clean
 
 # System packages (Debian 12, root). Only calls apt when something is missing.
 deps:
@@ -31,11 +38,17 @@ $(VENV)/.installed: setup.cfg requirements.lock
 
 venv: deps $(VENV)/.installed
 
-demo: venv
+# `socknet` on root's PATH, as the README and the systemd unit use it, and the
+# operations guide where the unit's Documentation= points.
+install: venv
+	ln -sfn $(abspath $(VENV))/bin/socknet $(BINDIR)/socknet
+	install -D -m 0644 docs/operations.md $(DOCDIR)/operations.md
+
+demo: install
 	$(PY) -m labs.demo
 
-lab-up: venv
-	$(PY) -m labs.lab up --hosts $(HOSTS)
+lab-up: install
+	$(PY) -m labs.lab up --hosts $(HOSTS) $(if $(POLICY),--policy $(POLICY))
 
 lab-down: venv
 	$(PY) -m labs.lab down
@@ -43,7 +56,9 @@ lab-down: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv
+# install: tests/test_ops.py verifies the shipped systemd unit, whose ExecStart= is
+# /usr/local/bin/socknet
+test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 

@@ -21,7 +21,7 @@ from labs.lab import SocketLab
              "per bridge",
     method=(
         "iperf3 from service container 200 to service container 201 on vmbr0. socknet: the "
-        "controller's full vmbr0 pipeline (classify with learn, spoof_guard and policy "
+        "controller's full vmbr0 pipeline (classify, spoof_guard with learn, policy "
         "stages, dispatch, learned service_l2). Both OVS instances run with "
         "`other_config:userspace-tso-enable=true` (set, then ovs-vswitchd restarted; socknet "
         "re-installs its flows, the baseline gets its NORMAL flow back). TSO on: `ethtool -K "

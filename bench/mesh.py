@@ -781,7 +781,7 @@ def _iperf(lab: MeshLab, seconds: int, omit: int) -> dict[str, float]:
         "veth -> vmbr0 -> from-mesh/to-socket -> "
         "mesh -> kernel VXLAN -> wireguard-go -> underlay -> wireguard-go -> VXLAN -> mesh "
         "-> vmbr0 -> container 210 (host 2). No policy: socknet's pipeline without the "
-        "policy stage (classify with learn, spoof_guard, dispatch, learned service_l2; mesh "
+        "policy stage (classify, spoof_guard with learn, dispatch, learned service_l2; mesh "
         "isolation with learn, learned mesh_l2). **First packet**: a UDP echo server in "
         "210, a client in 200 that opens a new socket (a new source port, so a new 5-tuple) "
         "for every probe and sends one 8-byte datagram stamped with the wall clock; the "

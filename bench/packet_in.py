@@ -55,7 +55,7 @@ def host_yaml(db_sock: Path, port: int) -> str:
             "bridges:\n"
             "  mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
-            f"containers:\n{containers}\n")
+            f"containers:\n{containers}\npve: null\n")
 
 
 class OvsdbOnly(OvsInstance):
@@ -494,9 +494,10 @@ def _profile_main(argv: list[str]) -> int:
 
 
 _WANTED = ("packet_in", "parse_packet", "_learn_remote", "_recompute", "desired_state",
-           "socket_flows", "mesh_flows", "_arp_responder", "flow", "check_flows", "check_flow",
-           "_remote_flow_update", "raw_flow_mod_add", "service_arp_flow", "_wire_tail",
-           "compile_policy", "_spoof_guard", "_known_service_addresses", "_kick_all", "meth")
+           "socket_flows", "mesh_flows", "_arp_responder", "flow", "check_flows",
+           "check_against_pipeline", "_remote_flow_update", "raw_flow_mod_add",
+           "service_arp_flow", "_wire_tail", "compile_policy", "_spoof_guard",
+           "_known_service_addresses", "_kick_all", "meth")
 
 
 def _top(ctrl: Any, msgs: list[Any]) -> list[dict[str, Any]]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
-import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -12,15 +12,12 @@ from typing import Any
 
 import click
 
+from topology.addresses import Declarations
 from topology.config import ConfigError, HostConfig, load_host_config
 from topology.policy import Policy, PolicyError, load_policy
-from topology.roles import Role, classify_port
+from topology.roles import Role, classify_port, configured_ports, no_role_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-# python-ovs imports eventlet when it is installed (os-ken pulls it in) and eventlet
-# warns about itself on import; socknet runs os-ken on native threads.
-warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
 
 def _fail(lines: list[str], code: int) -> None:
@@ -65,7 +62,18 @@ def _load_policy(path: Path) -> Policy:
         raise  # unreachable
 
 
+def _version() -> str:
+    """The installed distribution's version; a checkout run without installing has none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("socknet")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=_version(), prog_name="socknet", message="%(prog)s %(version)s")
 def main() -> None:
     """socknet: OpenFlow controller for the mesh and vmbr0 bridges."""
 
@@ -84,11 +92,28 @@ def validate(cfg: HostConfig) -> None:
     click.echo(f"ok: {cfg.host}: bridges {cfg.bridges.mesh.name}, {cfg.bridges.socket.name}")
 
 
+_IFNAME = re.compile(r"[^\s/:]{1,15}")  # what Linux accepts as an interface name
+
+
+def _port_problem(cfg: HostConfig, bridge: str, name: str) -> str | None:
+    """Why ``name`` cannot be a port of ``bridge`` at all (exit 2), or None."""
+    if not _IFNAME.fullmatch(name):
+        return f"{name!r} cannot be an interface name (1-15 characters, no spaces, / or :)"
+    if name in (cfg.bridges.mesh.name, cfg.bridges.socket.name):
+        return f"{name} is a bridge of this host, not a port"
+    for other, named in configured_ports(cfg).items():
+        if other != bridge and name in named:
+            return f"{name} is a port of {other} (host.yaml {named[name]}), not of {bridge}"
+    return None
+
+
 def _parse_ports(cfg: HostConfig, specs: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """NAME=OFPORT or BRIDGE:NAME=OFPORT; a bare name goes to the bridge where it has a role."""
+    """NAME=OFPORT or BRIDGE:NAME=OFPORT; a bare name goes to the bridge where it has a role.
+    A name that cannot be a port of its bridge is refused; one without a role is warned
+    about (it gets no flows: its packets are dropped)."""
     mesh, sock = cfg.bridges.mesh.name, cfg.bridges.socket.name
     ports: dict[str, dict[str, int]] = {mesh: {}, sock: {}}
-    problems = []
+    problems, warnings = [], []
     for spec in specs:
         left, sep, num = spec.partition("=")
         bridge, _, name = left.rpartition(":")
@@ -100,12 +125,22 @@ def _parse_ports(cfg: HostConfig, specs: tuple[str, ...]) -> dict[str, dict[str,
         if bridge not in ports:
             problems.append(f"--port {spec!r}: unknown bridge {bridge!r}")
             continue
+        problem = _port_problem(cfg, bridge, name)
+        if problem is not None:
+            problems.append(f"--port {spec!r}: {problem}")
+            continue
         if int(num) in ports[bridge].values():
             problems.append(f"--port {spec!r}: ofport {num} used twice on {bridge}")
             continue
+        if classify_port(cfg, bridge, name).role is Role.UNKNOWN:
+            warnings.append(f"--port {spec!r}: {name} has no role on {bridge} "
+                            f"({no_role_reason(cfg, bridge, name)}): it gets no flows, "
+                            "its packets are dropped")
         ports[bridge][name] = int(num)
     if problems:
         _fail(problems, EXIT_BAD_INPUT)
+    for warning in warnings:
+        click.echo(f"socknet: warning: {warning}", err=True)
     return ports
 
 
@@ -123,7 +158,8 @@ def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
 
     path = _policy_path(cfg)
     policy = _load_policy(path) if path is not None else None
-    state = desired_state(cfg, _parse_ports(cfg, port_specs), policy)
+    state = desired_state(cfg, _parse_ports(cfg, port_specs), policy,
+                          declared=_declarations(cfg))
     if bridge is not None and bridge not in state:
         _fail([f"--bridge {bridge!r}: not a bridge of this host ({', '.join(state)})"],
               EXIT_BAD_INPUT)
@@ -133,6 +169,22 @@ def flows(cfg: HostConfig, port_specs: tuple[str, ...], bridge: str | None,
         if bridge is None:
             click.echo(f"# bridge {name}")
         click.echo(flows_text(fl, comments=comments), nl=False)
+
+
+def _declarations(cfg: HostConfig) -> Declarations:
+    """Container addresses as the controller would have them: host.yaml over Proxmox's
+    guest configs (read now); what they declare twice is named on stderr."""
+    from controller.pve_watch import read_pve_dir
+    from topology.addresses import declarations
+    from topology.pve import parse_pve
+
+    files = read_pve_dir(Path(cfg.pve.dir)) if cfg.pve is not None else None
+    guests = parse_pve(files or {})
+    declared = declarations(cfg, guests.nics)
+    for line in [*guests.problems, *(f"conflict: {c.describe()}: refused to both"
+                                     for c in declared.conflicts)]:
+        click.echo(f"socknet: warning: {line}", err=True)
+    return declared
 
 
 def _policy_arg(path: str) -> Policy:
@@ -207,17 +259,44 @@ def trace(policy_file: str, src: str, dst: str, tcp_port: int | None, udp_port: 
         click.echo(f"  table {step}")
 
 
+GRAPH_FORMATS = {".mmd": "mermaid", ".mermaid": "mermaid", ".dot": "dot", ".gv": "dot",
+                 ".svg": "svg", ".png": "png"}
+
+
+def _graph_format(fmt: str | None, output: str | None) -> str:
+    """--format, else the one -o's extension says, else Mermaid; exit 2 where they disagree,
+    where the extension says nothing, or for PNG bytes bound for a terminal."""
+    by_ext = GRAPH_FORMATS.get(Path(output).suffix.lower()) if output else None
+    known = ", ".join(GRAPH_FORMATS)
+    if output is not None and fmt is None and by_ext is None:
+        _fail([f"-o {output}: cannot tell the format from its extension ({known}): "
+               "give --format"], EXIT_BAD_INPUT)
+    if fmt is not None and by_ext is not None and fmt != by_ext:
+        _fail([f"--format {fmt} but -o {output} is {by_ext}: give one or make them agree"],
+              EXIT_BAD_INPUT)
+    chosen = fmt or by_ext or "mermaid"
+    if output is None and chosen == "png" and _stdout_is_terminal():
+        _fail(["--format png writes binary data: give -o FILE.png (or redirect standard "
+               "output)"], EXIT_BAD_INPUT)
+    return chosen
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 @main.command()
 @click.argument("policy_file", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg", "png"]),
-              default="mermaid", show_default=True,
-              help="svg and png are drawn by Graphviz `dot` (package graphviz)")
+              help="default: the one -o's extension names (.mmd .dot .gv .svg .png), else "
+                   "mermaid; svg and png are drawn by Graphviz `dot` (package graphviz)")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="write to this file instead of standard output")
-def graph(policy_file: str, fmt: str, output: str | None) -> None:
+def graph(policy_file: str, fmt: str | None, output: str | None) -> None:
     """Draw the tiers and the rules between them (allow solid, deny dashed)."""
     from topology.graph import GraphvizMissing, render, to_dot, to_mermaid
 
+    fmt = _graph_format(fmt, output)
     policy = _policy_arg(policy_file)
     title = Path(policy_file).name
     if fmt == "mermaid":
@@ -379,6 +458,16 @@ def status(cfg: HostConfig, as_json: bool) -> None:
         click.echo(format_status(data), nl=False)
     if data.get("problems"):
         sys.exit(EXIT_FAILED)
+
+
+def _add_fleet_commands() -> None:
+    from controller.fleet.cli import fleet, policy
+
+    main.add_command(fleet)
+    main.add_command(policy)
+
+
+_add_fleet_commands()
 
 
 if __name__ == "__main__":

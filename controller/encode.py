@@ -32,9 +32,11 @@ that creates or changes a meter. Send it before any flow naming the meter (OVS
 refuses such a flow with OFPMMFC_INVALID_METER) and outside bundles (OVS does not
 take meter mods in a bundle).
 
-NXM names ("NXM_OF_ETH_SRC[]", "NXM_NX_REG1[0..15]") map onto os-ken's
-NXM-class field names (``eth_src_nxm``, ``reg1``; see `NXM_FIELDS`), so a
-subfield keeps the width OVS gives it (NXM_OF_IN_PORT is 16 bits, OXM in_port 32).
+Every field name (match keys, SetField, subfields such as "NXM_OF_ETH_SRC[]" or
+"NXM_NX_REG1[0..15]") is resolved through `topology.openflow.FIELDS`: a subfield
+becomes os-ken's NXM-class field (``eth_src_nxm``, ``reg1``; see `NXM_FIELDS`), so it
+keeps the width OVS gives it (NXM_OF_IN_PORT is 16 bits, OXM in_port 32). Every flow
+passes `topology.flowcheck.check_flow` before it is encoded.
 
 Speed: building and serializing one OFPFlowMod costs tens of microseconds in
 os-ken. `flow_mod_add` caches, per (parser, Flow), the OFPMatch, the
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +58,7 @@ from typing import Any, Protocol
 from os_ken.lib.pack_utils import msg_pack_into
 from os_ken.ofproto import nicira_ext, ofproto_v1_4, ofproto_v1_4_parser
 
+from topology import flowcheck, openflow
 from topology.model import (
     ALL_ONES64,
     LEARNED_COOKIE,
@@ -80,50 +82,15 @@ WIRE_CACHE_SIZE = 1 << 18  # serialized match+instructions per flow (~100-300 by
 
 BUNDLE_FLAGS_NAMES = ("OFPBF_ATOMIC", "OFPBF_ORDERED")
 
-# NXM name -> os-ken field name. The *_nxm names carry the NXM header (class 0/1)
-# and the NXM width, exactly what ovs-ofctl means by the NXM name.
-NXM_FIELDS: dict[str, str] = {
-    "NXM_OF_IN_PORT": "in_port_nxm",
-    "NXM_OF_ETH_DST": "eth_dst_nxm",
-    "NXM_OF_ETH_SRC": "eth_src_nxm",
-    "NXM_OF_ETH_TYPE": "eth_type_nxm",
-    "NXM_OF_VLAN_TCI": "vlan_tci",
-    "NXM_OF_IP_TOS": "nw_tos",
-    "NXM_OF_IP_PROTO": "ip_proto_nxm",
-    "NXM_OF_IP_SRC": "ipv4_src_nxm",
-    "NXM_OF_IP_DST": "ipv4_dst_nxm",
-    "NXM_OF_TCP_SRC": "tcp_src_nxm",
-    "NXM_OF_TCP_DST": "tcp_dst_nxm",
-    "NXM_OF_UDP_SRC": "udp_src_nxm",
-    "NXM_OF_UDP_DST": "udp_dst_nxm",
-    "NXM_OF_ICMP_TYPE": "icmpv4_type_nxm",
-    "NXM_OF_ICMP_CODE": "icmpv4_code_nxm",
-    "NXM_OF_ARP_OP": "arp_op_nxm",
-    "NXM_OF_ARP_SPA": "arp_spa_nxm",
-    "NXM_OF_ARP_TPA": "arp_tpa_nxm",
-    "NXM_NX_TUN_ID": "tunnel_id_nxm",
-    "NXM_NX_ARP_SHA": "arp_sha_nxm",
-    "NXM_NX_ARP_THA": "arp_tha_nxm",
-    "NXM_NX_IP_TTL": "nw_ttl",
-    "NXM_NX_PKT_MARK": "pkt_mark",
-    "NXM_NX_CT_STATE": "ct_state",
-    "NXM_NX_CT_ZONE": "ct_zone",
-    "NXM_NX_CT_MARK": "ct_mark",
-    "NXM_NX_CT_LABEL": "ct_label",
-    "NXM_NX_CONJ_ID": "conj_id",
-    **{f"NXM_NX_REG{i}": f"reg{i}" for i in range(16)},
-    **{f"NXM_NX_XXREG{i}": f"xxreg{i}" for i in range(4)},
-}
+# NXM name -> os-ken field name (from the field table). The *_nxm names carry the NXM
+# header (class 0/1) and the NXM width, exactly what ovs-ofctl means by the NXM name.
+NXM_FIELDS: dict[str, str] = {f.nxm: f.nxm_field for f in openflow.FIELDS.values()}
+# model name -> os-ken name in OFPMatch / OFPActionSetField, where they differ
+_OSKN_NAMES = {f.name: f.oskn for f in openflow.FIELDS.values() if f.oskn}
 
-_SUBFIELD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\[(?:(?P<start>\d+)(?:\.\.(?P<end>\d+))?)?\]$")
-_IMMEDIATE_RE = re.compile(r"^(?:0[xX][0-9a-fA-F]+|\d+)$")
 _IN_PORT_16 = 0xFFF8  # OFPP_IN_PORT in 16 bits: "resubmit(,T)" keeps the in_port
 _OUTPUT_REG_MAX_LEN = 0xFFFF  # what ovs-ofctl puts in output:<subfield>
-_CT_LABEL_MASK = 0xFFFFFFFF  # Ct.label: the low 32 bits of the 128-bit ct_label
-_MAX_CONJ_CLAUSES = 64  # OVS rejects conjunction(id, k/n) with n outside 2..64
 _METER_COMMANDS = {"add": "OFPMC_ADD", "modify": "OFPMC_MODIFY"}
-_IP_ETH_TYPES = (0x0800, 0x86DD)
-_CT_STATE_INV = 0x10
 
 
 class DatapathLike(Protocol):
@@ -162,34 +129,12 @@ def field_bits(ofproto: ModuleType, field: str) -> int:
         raise ValueError(f"unknown os-ken field {field!r}") from None
 
 
-def _oskn_field(name: str, ofproto: ModuleType) -> str:
-    if name in NXM_FIELDS:
-        return NXM_FIELDS[name]
-    if name in _field_widths(ofproto):  # already an os-ken name ("reg1", "eth_src")
-        return name
-    raise ValueError(f"unknown NXM field {name!r} (add it to controller.encode.NXM_FIELDS)")
-
-
 @functools.cache
 def parse_subfield(text: str, ofproto: ModuleType) -> Subfield:
-    """ "NXM_OF_ETH_SRC[]" / "NXM_NX_REG1[0..15]" / "NXM_NX_REG1[3]" -> Subfield."""
-    m = _SUBFIELD_RE.match(text.strip())
-    if m is None:
-        raise ValueError(f"bad subfield {text!r}: expected NAME[], NAME[a..b] or NAME[a]")
-    field = _oskn_field(m["name"], ofproto)
-    width = field_bits(ofproto, field)
-    if m["start"] is None:
-        start, end = 0, width - 1
-    else:
-        start = int(m["start"])
-        end = int(m["end"]) if m["end"] is not None else start
-    if not 0 <= start <= end < width:
-        raise ValueError(f"bad bit range in {text!r}: field is {width} bits")
-    return Subfield(field, start, end - start + 1)
-
-
-def _is_immediate(text: str) -> bool:
-    return bool(_IMMEDIATE_RE.match(text.strip()))
+    """ "NXM_OF_ETH_SRC[]" / "NXM_NX_REG1[0..15]" / "NXM_NX_REG1[3]" -> the os-ken view of
+    `topology.openflow.parse_subfield` (the NXM field, so the NXM width applies)."""
+    sub = openflow.parse_subfield(text)
+    return Subfield(sub.spec.nxm_field, sub.start, sub.nbits)
 
 
 # ---------------------------------------------------------------- actions
@@ -250,37 +195,29 @@ def _ct_exec(parser: ModuleType, ofproto: ModuleType, ct: Ct) -> list[Any]:
     if ct.mark is not None:
         nested += masked_set_field(parser, ofproto, "ct_mark", ct.mark[0], ct.mark[1])
     if ct.label is not None:
-        nested += masked_set_field(parser, ofproto, "ct_label", ct.label, _CT_LABEL_MASK)
-    if (ct.mark is not None or ct.label is not None) and not ct.commit:
-        raise ValueError(f"{ct!r}: ct_mark/ct_label can only be set with commit")
+        nested += masked_set_field(parser, ofproto, "ct_label", ct.label, openflow.CT_LABEL_MASK)
     return nested
 
 
 def _learn_spec(parser: ModuleType, ofproto: ModuleType, spec: LearnSpec) -> Any:
+    """One learn spec (checked by `topology.flowcheck.check_learn`)."""
     if spec.kind == "output":
         src = parse_subfield(spec.src, ofproto)
         return parser.NXFlowSpecOutput(src=(src.field, src.ofs), n_bits=src.n_bits, dst="")
-    if spec.kind not in ("match", "load"):
-        raise ValueError(f"unknown learn spec kind {spec.kind!r}")
     dst = parse_subfield(spec.dst, ofproto)
     src_value: int | tuple[str, int]
-    if _is_immediate(spec.src):
-        value = int(spec.src, 0)
-        if value >> dst.n_bits:
-            raise ValueError(f"learn immediate {spec.src} does not fit {spec.dst}")
-        src_value = value
+    if openflow.is_immediate(spec.src):
+        src_value = int(spec.src, 0)
     else:
         src = parse_subfield(spec.src, ofproto)
-        if src.n_bits != dst.n_bits:
-            raise ValueError(f"learn {spec.src} -> {spec.dst}: widths differ "
-                             f"({src.n_bits} vs {dst.n_bits} bits)")
         src_value = (src.field, src.ofs)
     cls = parser.NXFlowSpecMatch if spec.kind == "match" else parser.NXFlowSpecLoad
     return cls(src=src_value, dst=(dst.field, dst.ofs), n_bits=dst.n_bits)
 
 
 def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> Any:
-    """One model action -> one os-ken action object."""
+    """One model action -> one os-ken action object. The action must have passed
+    `topology.flowcheck.check_flow` (as every flow does before it is encoded here)."""
     match action:
         case Output(port=port):
             number = _port_number(ofproto, port)
@@ -291,19 +228,14 @@ def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> An
             return parser.NXActionOutputReg(ofs_nbits=src.ofs_nbits, src=src.field,
                                             max_len=_OUTPUT_REG_MAX_LEN)
         case SetReg(reg=reg, value=value):
-            width = field_bits(ofproto, _oskn_field(reg, ofproto))
-            if width > 64 or not 0 <= value < (1 << width):
-                raise ValueError(f"SetReg {reg}={value:#x}: does not fit a {width}-bit load")
-            return parser.NXActionRegLoad(ofs_nbits=nicira_ext.ofs_nbits(0, width - 1),
-                                          dst=_oskn_field(reg, ofproto), value=value)
+            spec = openflow.register(reg)
+            return parser.NXActionRegLoad(ofs_nbits=nicira_ext.ofs_nbits(0, spec.width - 1),
+                                          dst=spec.nxm_field, value=value)
         case SetField(field=field, value=value):
-            return parser.OFPActionSetField(**{field: value})
+            return parser.OFPActionSetField(**{openflow.field(field).oskn_name: value})
         case MoveField(src=src_text, dst=dst_text):
             src = parse_subfield(src_text, ofproto)
             dst = parse_subfield(dst_text, ofproto)
-            if src.n_bits != dst.n_bits:
-                raise ValueError(f"move {src_text} -> {dst_text}: widths differ "
-                                 f"({src.n_bits} vs {dst.n_bits} bits)")
             return parser.NXActionRegMove(src_field=src.field, dst_field=dst.field,
                                           n_bits=src.n_bits, src_ofs=src.ofs, dst_ofs=dst.ofs)
         case Resubmit(table=table):
@@ -318,15 +250,8 @@ def encode_action(parser: ModuleType, ofproto: ModuleType, action: Action) -> An
                 actions=_ct_exec(parser, ofproto, action),
             )
         case Conjunction(id=cid, clause=clause, n_clauses=n):
-            if not 2 <= n <= _MAX_CONJ_CLAUSES or not 1 <= clause <= n:
-                raise ValueError(f"conjunction({cid},{clause}/{n}): need 1 <= clause <= n "
-                                 f"and 2 <= n <= {_MAX_CONJ_CLAUSES}")
-            if not 0 <= cid <= 0xFFFFFFFF:
-                raise ValueError(f"conjunction id {cid} does not fit 32 bits")
             return parser.NXActionConjunction(clause=clause - 1, n_clauses=n, id_=cid)
         case ToController(max_len=max_len, meter=meter):
-            if not 0 <= max_len <= 0xFFFF:
-                raise ValueError(f"CONTROLLER:{max_len}: max_len does not fit 16 bits")
             if meter is None:
                 return parser.OFPActionOutput(ofproto.OFPP_CONTROLLER, max_len)
             return _controller_with_meter(parser, max_len, meter)
@@ -366,40 +291,19 @@ def _serialize_tail(match: Any, instructions: Sequence[Any]) -> bytes:
 
 
 def check_flow(flow: Flow) -> None:
-    """Reject what OVS would refuse for reasons beyond single actions (ValueError):
-    the checks ``ovs-ofctl`` / ovs-vswitchd apply to the whole flow.
-
-    - conjunction actions cannot be combined with any other action;
-    - ct needs the match to pin eth_type to IPv4 or IPv6, and ct(commit) cannot
-      follow a ct_state=+inv match (OFPBAC_MATCH_INCONSISTENT on the switch, which
-      fails the whole bundle);
-    - the meter id must be 1..OFPM_MAX.
-    """
-    acts = flow.actions
-    if any(isinstance(a, Conjunction) for a in acts) and not all(
-            isinstance(a, Conjunction) for a in acts):
-        raise ValueError(f"{flow!r}: conjunction actions cannot be combined with other "
-                         "actions (OVS rejects it)")
-    cts = [a for a in acts if isinstance(a, Ct)]
-    if cts:
-        match = dict(flow.match)
-        if match.get("eth_type") not in _IP_ETH_TYPES:
-            raise ValueError(f"{flow!r}: ct needs eth_type 0x0800 or 0x86dd in the match "
-                             "(OVS: OFPBAC_MATCH_INCONSISTENT)")
-        state = match.get("ct_state")
-        if (isinstance(state, tuple) and int(state[0]) & int(state[1]) & _CT_STATE_INV
-                and any(a.commit for a in cts)):
-            raise ValueError(f"{flow!r}: ct(commit) on ct_state=+inv "
-                             "(OVS: OFPBAC_MATCH_INCONSISTENT)")
-    if flow.meter is not None and not 1 <= flow.meter <= 0xFFFF0000:  # OFPM_MAX
-        raise ValueError(f"{flow!r}: meter id {flow.meter} out of range 1..0xffff0000")
+    """`topology.flowcheck.check_flow` (what OVS refuses in a whole flow: on the switch one
+    such flow fails the whole bundle), its FlowError (a ValueError) naming the flow."""
+    try:
+        flowcheck.check_flow(flow)
+    except openflow.FlowError as exc:
+        raise openflow.FlowError(f"{flow!r}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _encoded(parser: ModuleType, flow: Flow) -> Encoded:
     ofproto = parser.ofproto
     check_flow(flow)
-    match = parser.OFPMatch(**dict(flow.match))
+    match = parser.OFPMatch(**{_OSKN_NAMES.get(name, name): value for name, value in flow.match})
     instructions: list[Any] = []
     if flow.meter is not None:  # OVS decodes the instructions in the order meter, apply, goto
         instructions.append(parser.OFPInstructionMeter(flow.meter))
@@ -459,29 +363,32 @@ def _new_wire_tail(parser: ModuleType, flow: Flow, tails: dict[Flow, bytes]) -> 
 
 
 def _pack_wire_tail(parser: ModuleType, flow: Flow) -> bytes:
-    checked = flow.meter is not None
-    for action in flow.actions:
-        kind = type(action)
-        if kind is Learn:
+    key = (parser, flow.actions, flow.goto, flow.meter)
+    found = _INSTRUCTIONS.get(key)
+    if found is None:
+        if any(type(action) is Learn for action in flow.actions):
             # os-ken pads learn specs relative to their place in the whole message: let
             # it lay these few pipeline flows out itself
             return _encoded.__wrapped__(parser, flow).tail
-        if kind is Ct or kind is Conjunction:
-            checked = True
-    if checked:  # what check_flow looks at: ct, conjunction, meter
         check_flow(flow)
-    return _match_bytes(parser.ofproto, flow.match) + _instruction_bytes(
-        parser, flow.actions, flow.goto, flow.meter)
+        found = (_instruction_bytes(parser, flow.actions, flow.goto, flow.meter),
+                 flowcheck.actions_read_match(flow.actions))
+        if len(_INSTRUCTIONS) >= _SMALL_CACHE_SIZE:
+            _INSTRUCTIONS.clear()
+        _INSTRUCTIONS[key] = found
+    else:  # these actions passed the check already: only what depends on this flow
+        try:
+            values = flowcheck.check_flow_match(flow)
+            if found[1]:
+                flowcheck.check_flow_actions(flow, values)
+        except openflow.FlowError as exc:
+            raise openflow.FlowError(f"{flow!r}: {exc}") from None
+    return _match_bytes(parser.ofproto, flow.match) + found[0]
 
 
 def _instruction_bytes(parser: ModuleType, actions: tuple[Action, ...], goto: int | None,
                        meter: int | None) -> bytes:
-    """Meter, apply-actions and goto instructions (in the order OVS decodes them); few
-    distinct combinations in a large policy, so they are cached."""
-    key = (parser, actions, goto, meter)
-    found = _INSTRUCTIONS.get(key)
-    if found is not None:
-        return found
+    """Meter, apply-actions and goto instructions (in the order OVS decodes them)."""
     ofproto = parser.ofproto
     parts = []
     if meter is not None:
@@ -492,15 +399,13 @@ def _instruction_bytes(parser: ModuleType, actions: tuple[Action, ...], goto: in
         parts.append(acts)
     if goto is not None:
         parts.append(struct.pack("!HHB3x", ofproto.OFPIT_GOTO_TABLE, 8, goto))
-    found = b"".join(parts)
-    if len(_INSTRUCTIONS) >= _SMALL_CACHE_SIZE:
-        _INSTRUCTIONS.clear()
-    _INSTRUCTIONS[key] = found
-    return found
+    return b"".join(parts)
 
 
 _SMALL_CACHE_SIZE = 1 << 16
-_INSTRUCTIONS: dict[tuple[Any, ...], bytes] = {}
+# (parser, actions, goto, meter) -> (instruction bytes, whether checking those actions
+# depends on the match): few distinct combinations even in a large policy
+_INSTRUCTIONS: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
 
 
 def _match_bytes(ofproto: ModuleType, match: tuple[tuple[str, Any], ...]) -> bytes:
@@ -549,7 +454,7 @@ _OXM_HEADS: dict[ModuleType, tuple[dict[str, OxmHead], dict[str, OxmHead]]] = {}
 
 
 def _oskn_tlv(ofproto: ModuleType, name: str, value: Any) -> tuple[int, bytes]:
-    num, v, m = ofproto.oxm_from_user(name, value)
+    num, v, m = ofproto.oxm_from_user(_OSKN_NAMES.get(name, name), value)
     buf = bytearray()
     ofproto.oxm_serialize(num, v, m, buf, 0)
     return (num[0] if isinstance(num, tuple) else num), bytes(buf)
@@ -566,6 +471,8 @@ def _learn_oxm_head(ofproto: ModuleType, name: str, value: Any) -> OxmHead:
 def _pack(value: int | str, width: int) -> bytes:
     if isinstance(value, int):
         return value.to_bytes(width, "big")
+    if width == 16:
+        return socket.inet_pton(socket.AF_INET6, value)
     if ":" in value:
         return bytes.fromhex(value.replace(":", ""))
     return socket.inet_aton(value) if width == 4 else value.encode()
@@ -842,8 +749,6 @@ def register_controller2_meter(parser: ModuleType) -> None:
 
 def _controller_with_meter(parser: ModuleType, max_len: int, meter: int) -> Any:
     """NXAST_CONTROLLER2 with max_len and meter_id properties."""
-    if not 0 < meter < 0xFFFF0000:
-        raise ValueError(f"meter_id={meter} out of range")
     register_controller2_meter(parser)
     return parser.NXActionController2(max_len=max_len, meter_id=meter)
 

@@ -104,6 +104,12 @@ def link_exists(name: str, *, netns: str | None = None) -> bool:
         return bool(ipr.link_lookup(ifname=name))
 
 
+def link_names(*, netns: str | None = None) -> set[str]:
+    """The names of every interface in the namespace."""
+    with _iproute(netns) as ipr:
+        return {str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()}
+
+
 def _kind(msg: Any) -> str | None:
     kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
     return str(kind) if kind is not None else None

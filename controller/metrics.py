@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client), read from the running controller at scrape time.
 
-Per-rule counters come from the switch's own flow statistics: the packets and
-bytes of the policy_rules flows of each rule (their reg2 load names the rule).
+Per-rule and per-drop-reason counters come from the switch's own flow statistics
+(topology.counters): the packets and bytes of the policy_rules flows of each rule
+(their reg2 load names the rule) and of the drop flows of each reason (topology.drops).
 """
 
 from __future__ import annotations
@@ -18,23 +19,37 @@ from controller import encode
 from controller.logs import get_logger
 from controller.runtime import Controller
 from controller.switch import SwitchError
+from topology.counters import FlowCount, drop_counters, rule_counters
 from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK
 from topology.pipeline import REG_RULE, SOCKET_PIPELINE
 
 log = get_logger("socknet.metrics")
 
 
-def rule_counters(flows: list[Any]) -> dict[int, tuple[int, int]]:
-    """rule id -> (packets, bytes), summed over the policy_rules flows that decide it."""
-    out: Counter[int] = Counter()
-    out_bytes: Counter[int] = Counter()
-    for f in flows:
-        rule_id = encode.loaded_value(f.flow_stats, REG_RULE)
-        if rule_id is None:
-            continue
-        out[rule_id] += f.packets
-        out_bytes[rule_id] += f.bytes
-    return {k: (out[k], out_bytes[k]) for k in out}
+def flow_counts(flows: list[Any]) -> list[FlowCount]:
+    """The switch's flow statistics (os-ken) as `FlowCount` values, the form
+    topology.counters counts from (`socknet status` makes the same from ovs-ofctl)."""
+    rules = SOCKET_PIPELINE["policy_rules"]
+    return [FlowCount(f.table, f.priority, f.packets, f.bytes,
+                      encode.loaded_value(f.flow_stats, REG_RULE) if f.table == rules else None)
+            for f in flows]
+
+
+def drop_metrics() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    return (CounterMetricFamily("socknet_dropped_packets",
+                                "Packets dropped, by bridge and reason (switch flow statistics)",
+                                labels=["bridge", "reason"]),
+            CounterMetricFamily("socknet_dropped_bytes",
+                                "Bytes dropped, by bridge and reason (switch flow statistics)",
+                                labels=["bridge", "reason"]))
+
+
+def add_drop_counters(families: tuple[CounterMetricFamily, CounterMetricFamily], bridge: str,
+                      pipeline: str, counts: list[FlowCount]) -> None:
+    pkts, nbytes = families
+    for reason, (p, b) in drop_counters(pipeline, counts).items():
+        pkts.add_metric([bridge, reason], p)
+        nbytes.add_metric([bridge, reason], b)
 
 
 class ControllerCollector(Collector):
@@ -58,6 +73,9 @@ class ControllerCollector(Collector):
             ("socknet_remote_hosts_learned_total",
              "Remote hosts learned or moved (mesh ARP); every one counted, logs rate-limited",
              s.remote_learned),
+            ("socknet_dropped_logged_total",
+             "Dropped packets logged as `dropped` events (copies rate-limited by a meter)",
+             s.dropped_logged),
         ]
         for name, doc, value in simple:
             yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
@@ -73,6 +91,22 @@ class ControllerCollector(Collector):
                                 value=s.last_reload_ms / 1000)
         yield GaugeMetricFamily("socknet_learned_bindings", "Container addresses learned",
                                 value=len(c.bindings))
+        refused = CounterMetricFamily(
+            "socknet_bindings_refused",
+            "Learned container addresses refused, by kind (duplicate: another container's; "
+            "policy-named: a tier/external/rule address; not-declared: differs from the "
+            "declaration; invalid; refused: the declaration itself was refused)",
+            labels=["kind"])
+        for kind in ("duplicate", "policy-named", "not-declared", "invalid", "refused"):
+            refused.add_metric([kind], s.bindings_refused.get(kind, 0))
+        yield refused
+        declared = c.declared
+        yield GaugeMetricFamily("socknet_declared_interfaces",
+                                "Guest interfaces with declared addresses (Proxmox, host.yaml)",
+                                value=len(declared.nics))
+        yield GaugeMetricFamily("socknet_address_conflicts",
+                                "MACs/IPs declared for more than one interface (refused to all)",
+                                value=len(declared.conflicts))
         yield GaugeMetricFamily("socknet_remote_hosts", "Remote hosts learned across the mesh",
                                 value=len(c.remote))
         yield GaugeMetricFamily("socknet_mesh_peers_up",
@@ -86,7 +120,9 @@ class ControllerCollector(Collector):
                                          labels=["rule", "action"])
         rules_bytes = CounterMetricFamily("socknet_rule_bytes", "Bytes decided per rule",
                                           labels=["rule", "action"])
-        for bridge in (c.cfg.bridges.mesh.name, c.cfg.bridges.socket.name):
+        drops = drop_metrics()
+        for bridge, pipeline in ((c.cfg.bridges.mesh.name, "mesh"),
+                                 (c.cfg.bridges.socket.name, "socket")):
             session = c.session_for(bridge)
             connected.add_metric([bridge], 1 if session is not None else 0)
             if session is None:
@@ -102,10 +138,10 @@ class ControllerCollector(Collector):
                 per[(f.table, "learned" if learned else "socknet")] += 1
             for (table, owner), n in sorted(per.items()):
                 tables.add_metric([bridge, str(table), owner], n)
+            counts = flow_counts(flows)
+            add_drop_counters(drops, bridge, pipeline, counts)
             if bridge == c.cfg.bridges.socket.name and c.policy is not None:
-                t = SOCKET_PIPELINE["policy_rules"]
-                for rule_id, (pkts, nbytes) in rule_counters(
-                        [f for f in flows if f.table == t]).items():
+                for rule_id, (pkts, nbytes) in rule_counters(counts).items():
                     rule = c.policy.rule_by_id(rule_id)
                     name = rule.name if rule else "default"
                     action = rule.action if rule else c.policy.default
@@ -115,6 +151,7 @@ class ControllerCollector(Collector):
         yield tables
         yield rules_pkts
         yield rules_bytes
+        yield from drops
 
 
 def serve_metrics(controller: Controller, host: str, port: int) -> None:

@@ -33,7 +33,7 @@ import ovs.poller
 import ovs.stream
 
 from topology.config import HostConfig
-from topology.roles import classify_port
+from topology.roles import Role, classify_port, configured_ports, no_role_reason
 
 log = logging.getLogger(__name__)
 
@@ -484,10 +484,7 @@ def status_data(cfg: HostConfig, snap: OvsdbSnapshot) -> dict[str, Any]:
     target = cfg.controller.ovs_target
     bridges: dict[str, Any] = {}
     problems: list[str] = []
-    expected_port = {
-        cfg.bridges.mesh.name: cfg.bridges.mesh.to_socket,
-        cfg.bridges.socket.name: cfg.bridges.socket.from_mesh,
-    }
+    expected_ports = configured_ports(cfg)
     for kind, name in (("mesh", cfg.bridges.mesh.name), ("socket", cfg.bridges.socket.name)):
         present = name in snap.ports
         dpid = snap.dpids.get(name)
@@ -524,6 +521,12 @@ def status_data(cfg: HostConfig, snap: OvsdbSnapshot) -> dict[str, Any]:
             problems.append(f"bridge {name}: no controller {target}")
         elif not targets[target]:
             problems.append(f"bridge {name}: controller {target} not connected")
-        if expected_port[name] not in ports:
-            problems.append(f"bridge {name}: port {expected_port[name]} missing or without ofport")
+        for pname, key in expected_ports[name].items():
+            if pname not in ports:
+                problems.append(f"bridge {name}: port {pname} does not exist or has no ofport "
+                                f"(host.yaml {key}: {pname})")
+        for pname, port in ports.items():
+            if port["role"] == Role.UNKNOWN.value:
+                problems.append(f"bridge {name}: port {pname} has no role, its packets are "
+                                f"dropped ({no_role_reason(cfg, name, pname)})")
     return {"bridges": bridges, "problems": problems}

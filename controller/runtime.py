@@ -21,6 +21,7 @@ from controller.early import EarlyPackets
 from controller.logs import LogBudget, get_logger
 from controller.reconcile import plan
 from controller.switch import SwitchError, SwitchSession
+from topology.addresses import Declarations, Refusal, declarations, learn_refusal
 from topology.config import HostConfig
 from topology.flows import (
     Binding,
@@ -28,20 +29,23 @@ from topology.flows import (
     DesiredState,
     binding_of,
     desired_state,
+    is_declared,
     local_service_ips,
     service_arp_flow,
     service_port_l2_flow,
 )
 from topology.model import LEARNED_COOKIE, OWNED_COOKIE_MASK, Flow, Owner, cookie_owner
+from topology.openflow import ETH_ARP, ETH_IPV4, IP_PROTO_NAMES
 from topology.pipeline import (
     MESH_PIPELINE,
     METER_RATES,
     REG_OUT,
     SOCKET_PIPELINE,
-    check_flow,
+    check_against_pipeline,
 )
-from topology.policy import PROTO_NUMBERS, Policy
-from topology.roles import Role, classify_port
+from topology.policy import Policy
+from topology.pve import Guests
+from topology.roles import Role, classify_port, no_role_reason
 
 log = get_logger("socknet.runtime")
 REMOTE_TTL_S = 300.0  # a remote host not heard from (ARP) for this long is forgotten
@@ -71,7 +75,7 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
     from os_ken.lib.packet import arp, ethernet, packet
 
     pkt = packet.Packet()
-    pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=0x0806))
+    pkt.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=mac, ethertype=ETH_ARP))
     # an unsolicited ARP *reply* (arping -A): no host answers it, every host takes note
     pkt.add_protocol(arp.arp(opcode=arp.ARP_REPLY, src_mac=mac, src_ip=ip,
                              dst_mac="ff:ff:ff:ff:ff:ff", dst_ip=ip))
@@ -81,7 +85,6 @@ def gratuitous_arp(mac: str, ip: str) -> bytes:
 
 _ETH = struct.Struct("!6s6sH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
-_PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 
 
 def _mac(raw: bytes) -> str:
@@ -101,16 +104,16 @@ def parse_packet(data: bytes) -> dict[str, Any]:
         (ethertype,) = struct.unpack_from("!H", data, off + 2)
         off += 4
     out["eth_src"] = _mac(src)
-    if ethertype == 0x0806 and len(data) >= off + _ARP.size:
+    if ethertype == ETH_ARP and len(data) >= off + _ARP.size:
         htype, ptype, hlen, plen, _, sha, spa, _, _ = _ARP.unpack_from(data, off)
-        if (htype, ptype, hlen, plen) == (1, 0x0800, 6, 4) and sha == src and any(spa):
+        if (htype, ptype, hlen, plen) == (1, ETH_IPV4, 6, 4) and sha == src and any(spa):
             out["sender_ip"] = socket.inet_ntoa(spa)
-    elif ethertype == 0x0800 and len(data) >= off + 20:
+    elif ethertype == ETH_IPV4 and len(data) >= off + 20:
         ihl = (data[off] & 0x0F) * 4
         proto = data[off + 9]
         ip_src, ip_dst = socket.inet_ntoa(data[off + 12:off + 16]), socket.inet_ntoa(
             data[off + 16:off + 20])
-        out.update(ipv4_src=ip_src, ipv4_dst=ip_dst, proto=_PROTO_NAMES.get(proto, str(proto)))
+        out.update(ipv4_src=ip_src, ipv4_dst=ip_dst, proto=IP_PROTO_NAMES.get(proto, str(proto)))
         if ip_src != "0.0.0.0":
             out["sender_ip"] = ip_src
         frag_offset = struct.unpack_from("!H", data, off + 6)[0] & 0x1FFF
@@ -120,11 +123,33 @@ def parse_packet(data: bytes) -> dict[str, Any]:
     return out
 
 
+def port_changes(old: dict[str, dict[str, int]], new: dict[str, dict[str, int]]
+                 ) -> list[tuple[str, str, int, bool]]:
+    """(bridge, port, ofport, added) for every port that came or went between two OVSDB
+    views; a port whose OpenFlow number changed went and came."""
+    out = []
+    for bridge in sorted({*old, *new}):
+        before, after = old.get(bridge, {}), new.get(bridge, {})
+        out += [(bridge, n, o, False) for n, o in sorted(before.items()) if after.get(n) != o]
+        out += [(bridge, n, o, True) for n, o in sorted(after.items()) if before.get(n) != o]
+    return out
+
+
+def _ethertype(data: bytes) -> int | None:
+    """The frame's EtherType (inside one 802.1Q tag), None if too short."""
+    if len(data) < 14:
+        return None
+    (kind,) = struct.unpack_from("!H", data, 12)
+    if kind == 0x8100 and len(data) >= 18:
+        (kind,) = struct.unpack_from("!H", data, 16)
+    return int(kind)
+
+
 def _remote_flow(ip: str, mac: str) -> Flow:
     """A remote host's ARP responder, checked against the pipeline on its own (it joins a
     desired state that was checked whole)."""
     f = service_arp_flow(ip, mac)
-    check_flow(SOCKET_PIPELINE, f)
+    check_against_pipeline(SOCKET_PIPELINE, f)
     return f
 
 
@@ -145,14 +170,26 @@ class Stats:
     last_reload_ms: float = 0.0
     denied_logged: int = 0
     remote_learned: int = 0  # remote hosts learned or moved (from mesh ARP)
+    dropped_logged: int = 0  # `dropped` events (copies of dropped packets, metered)
+    # learned addresses refused, by kind (duplicate, policy-named, not-declared, ...)
+    bindings_refused: dict[str, int] = field(default_factory=dict)
+    pve_reads: int = 0  # guest config sets applied (changes and SIGHUPs)
     last_reconcile: dict[str, float] = field(default_factory=dict)
 
 
 class Controller:
     def __init__(self, cfg: HostConfig, audit_interval_s: float = 30.0,
-                 policy: Policy | None = None, policy_pending: bool = False) -> None:
+                 policy: Policy | None = None, policy_pending: bool = False,
+                 guests: Guests | None = None, guests_pending: bool = False) -> None:
         self.cfg = cfg
         self.policy = policy
+        # the container addresses the authorities declare (host.yaml, Proxmox's configs)
+        self.guests = guests or Guests()
+        # True until Proxmox's guest configs were read once (`set_guests`): nothing is
+        # reconciled before, so no switch loses a container's flows to a late read
+        self.guests_pending = guests_pending
+        self.declared: Declarations = declarations(cfg, self.guests.nics)
+        self._refusals_logged: set[tuple[str, str, str | None]] = set()
         # True until the configured policy is loaded: nothing is reconciled before (the
         # switches keep their flows), so no switch ever runs without its policy.
         self.policy_pending = policy_pending
@@ -176,6 +213,8 @@ class Controller:
         self._desired_cache: tuple[int, DesiredState | None] = (-1, None)
         self._announced: set[tuple[str, int]] = set()
         self._learn_log = LogBudget()  # remote_host_learned lines: a flood is summarised
+        # `dropped` lines, a budget per (port, reason): one noisy port cannot hide another
+        self._drop_logs: dict[tuple[str, str], LogBudget] = {}
         self._early = EarlyPackets()  # first packets of ports not in OVSDB yet, by in_port
         self._lock = threading.Lock()
         self._work: queue.Queue[int | None] = queue.Queue()
@@ -234,6 +273,7 @@ class Controller:
             present = set(self._ports.get(self.cfg.bridges.socket.name, {}))
             for name in set(self.bindings) - present:
                 log.info("binding_forgotten", port=name, **vars(self.bindings.pop(name)))
+            self._refusals_logged = {r for r in self._refusals_logged if r[0] in present}
             self._recompute()
             for dpid, session in self._sessions.items():
                 session.bridge = self._bridge_of(dpid) or session.bridge
@@ -242,13 +282,32 @@ class Controller:
                 for b, old in old_ports.items()
             }
         self.stats.port_events += 1
+        self._log_port_changes(old_ports, ports)
         self._learn_early(early)
         for bridge, ofports in removed.items():
             if ofports:
-                log.info("ports_removed", bridge=bridge, ofports=sorted(ofports))
                 self._forget_learned(bridge, ofports)
         for dpid in list(self._sessions):
             self._work.put(dpid)
+
+    def _log_port_changes(self, old: dict[str, dict[str, int]],
+                          new: dict[str, dict[str, int]]) -> None:
+        """One line per port that came or went, with its role and container; a port
+        with no role is a warning (everything it sends is dropped)."""
+        for bridge, name, ofport, added in port_changes(old, new):
+            role = classify_port(self.cfg, bridge, name)
+            fields: dict[str, Any] = dict(bridge=bridge, port=name, ofport=ofport,
+                                          role=role.role.value, container=role.vmid)
+            if not added:
+                for key in list(self._drop_logs):  # a snapshot: packet-ins add keys
+                    if key[0] == name:
+                        self._drop_logs.pop(key, None)
+                log.info("port_removed", **fields)
+            elif role.role is Role.UNKNOWN:
+                log.warning("port_added", **fields, dropped=no_role_reason(self.cfg, bridge,
+                                                                             name))
+            else:
+                log.info("port_added", **fields)
 
     def set_policy(self, policy: Policy | None) -> None:
         """Install a policy that has already been validated and tested."""
@@ -256,39 +315,96 @@ class Controller:
             self.policy = policy
             self.policy_pending = False
             self.stats.policy_generation += 1
+            self._revoke_learned()  # an address the new policy names is no longer learnable
             if self._ports is not None:
                 self._recompute()
         self._kick_all()
 
+    def set_guests(self, guests: Guests, reason: str) -> None:
+        """New guest configs read from Proxmox (a change seen by polling, or SIGHUP)."""
+        with self._lock:
+            old = self.declared
+            self.guests = guests
+            self.declared = declarations(self.cfg, guests.nics)
+            changed = self.declared != old or self.guests_pending
+            self.guests_pending = False
+            self.stats.pve_reads += 1
+            if changed:
+                self._revoke_learned()
+                if self._ports is not None:
+                    self._recompute()
+        for problem in guests.problems:
+            log.warning("pve_problem", problem=problem)
+        self.log_conflicts()
+        log.info("pve_read", reason=reason, interfaces=len(self.declared.nics),
+                 changed=changed, conflicts=len(self.declared.conflicts))
+        if changed:
+            self._kick_all()
+
+    def log_conflicts(self) -> None:
+        """One line per address declared for more than one interface (refused to all)."""
+        for c in self.declared.conflicts:
+            log.error("address_conflict", field=c.field, value=c.value, sources=list(c.sources),
+                      action="refused to every interface declaring it")
+
     def learn_binding(self, port_name: str, binding: Binding) -> bool:
-        """A container's addresses, learned once from its first packet. Refuses addresses
-        that another container has declared or learned (a spoofing attempt)."""
+        """A container's addresses, learned once from its first packet, with
+        ``addresses: learn-first-packet`` only. Refused (`learn_refusal`): what another
+        interface declared or learned, what differs from this port's declaration, what the
+        policy names (a tier, an external, a rule's CIDR) unless declared for this port."""
+        if not self.cfg.learning:
+            return False
         with self._lock:
             if port_name in self.bindings:
                 return False
-            taken = {b.mac for b in self.bindings.values()} | {
-                c.mac for c in self.cfg.containers.values() if c.mac}
-            taken_ips = {b.ip for b in self.bindings.values() if b.ip} | {
-                str(c.ip.ip) for c in self.cfg.containers.values() if c.ip}
-            if binding.mac in taken or (binding.ip and binding.ip in taken_ips):
-                log.warning("binding_refused", port=port_name, mac=binding.mac, ip=binding.ip,
-                            reason="address already belongs to another container")
-                return False
-            self.bindings[port_name] = binding
-            if self._ports is not None:
-                self._recompute()
+            refusal = learn_refusal(self.declared, port_name, binding, self.bindings,
+                                    self.policy)
+            if refusal is None:
+                self.bindings[port_name] = binding
+                if self._ports is not None:
+                    self._recompute()
+        if refusal is not None:
+            self._refused(port_name, binding, refusal)
+            return False
         log.info("binding_learned", port=port_name, mac=binding.mac, ip=binding.ip)
         self._kick_all()
         return True
+
+    def _refused(self, port: str, binding: Binding, refusal: Refusal) -> None:
+        """Counted every time; logged once per port and sender (the container keeps sending
+        and every packet comes up again, metered)."""
+        counts = self.stats.bindings_refused
+        counts[refusal.kind] = counts.get(refusal.kind, 0) + 1
+        key = (port, binding.mac, binding.ip)
+        if key not in self._refusals_logged:
+            self._refusals_logged.add(key)
+            log.warning("binding_refused", port=port, mac=binding.mac, ip=binding.ip,
+                        kind=refusal.kind, reason=refusal.reason)
+
+    def _revoke_learned(self) -> None:
+        """Caller holds the lock. Learned bindings that would be refused now (learning
+        turned off, a new declaration, a new policy) are forgotten: their port's flows go
+        back to 'no IPv4 bound'."""
+        for name, b in list(self.bindings.items()):
+            others = {n: x for n, x in self.bindings.items() if n != name}
+            refusal = (Refusal("learning-off", "addresses: declared")
+                       if not self.cfg.learning else
+                       learn_refusal(self.declared, name, b, others, self.policy))
+            if refusal is not None:
+                del self.bindings[name]
+                log.warning("binding_revoked", port=name, mac=b.mac, ip=b.ip,
+                            kind=refusal.kind, reason=refusal.reason)
 
     # ------------------------------------------------------------ internals
     def _recompute(self) -> None:
         """Caller holds the lock. Equal to ``desired_state(..., remote)``, built as its base
         plus the remote hosts' flows (tests/test_remote_learning.py checks that)."""
         assert self._ports is not None
-        base = desired_state(self.cfg, self._ports, self.policy, self.bindings, {})
+        base = desired_state(self.cfg, self._ports, self.policy, self.bindings, {},
+                             self.declared)
         self._local_ips = local_service_ips(
-            self.cfg, self._ports.get(self.cfg.bridges.socket.name, {}), self.bindings)
+            self.cfg, self._ports.get(self.cfg.bridges.socket.name, {}), self.bindings,
+            self.declared)
         self._base = base
         self._remote_flows = {ip: _remote_flow(ip, mac) for ip, (mac, _) in self.remote.items()
                               if ip not in self._local_ips}
@@ -363,8 +479,8 @@ class Controller:
             session = self._sessions.get(dpid)
             desired = self._desired
             bridge = self._bridge_of(dpid)
-        if self.policy_pending:
-            return 0  # the policy is still loading: leave the switch as it is
+        if self.policy_pending or self.guests_pending:
+            return 0  # policy or guest configs not read yet: leave the switch as it is
         if session is None or desired is None or bridge is None or bridge not in desired:
             return 0  # not connected, or OVSDB not read yet: try again on the next event
         started = time.monotonic()
@@ -426,13 +542,13 @@ class Controller:
             port = BoundPort(name, ofport, classify_port(self.cfg, session.bridge, name))
             if port.role.role is not Role.SERVICE:
                 continue
-            binding = binding_of(self.cfg, port, self.bindings)
+            binding = binding_of(self.declared, port, self.bindings)
             if binding is None or binding.ip is None:
                 # not declared, not learned yet: announce it once its first packet taught
                 # us its addresses (a container that moved here undeclared)
                 self._announced.discard((name, ofport))
                 continue
-            declared = bool(self.cfg.container(port.role.vmid or 0).mac)
+            declared = is_declared(self.declared, port, binding)
             if service_port_l2_flow(port, binding, declared).cookie not in (
                     session.installed or set()):
                 # learned while this bundle was on its way (its first packet came before
@@ -459,6 +575,8 @@ class Controller:
         except (KeyError, TypeError):
             return
         pkt = parse_packet(msg.data)
+        if self._dropped(bridge, msg.table_id, in_port, msg.data, pkt):
+            return
         if msg.table_id == SOCKET_PIPELINE["classify"]:
             self._early_packet(bridge, in_port, pkt)
         elif msg.table_id == SOCKET_PIPELINE["spoof_guard"]:
@@ -467,6 +585,45 @@ class Controller:
             self._learn_remote(pkt)
         elif msg.table_id == SOCKET_PIPELINE["policy_deny"]:
             self._log_denied(msg, in_port, pkt)
+
+    def _dropped(self, bridge: str, table: int, in_port: int, data: bytes,
+                 pkt: dict[str, Any]) -> bool:
+        """A copy of a packet a drop flow dropped (topology.drops): a `dropped` line naming
+        port, container and reason, within a budget per port and reason. False: not such a
+        copy (an early packet, or one to learn from), for the caller to handle."""
+        p = SOCKET_PIPELINE
+        if table not in (p["classify"], p["spoof_guard"]):
+            return False
+        with self._lock:
+            name = self._port_name(bridge, in_port)
+        if name is None:
+            return False  # not in OVSDB yet: an early packet
+        role = classify_port(self.cfg, bridge, name)
+        if table == p["classify"]:
+            if role.role is not Role.UNKNOWN:
+                return False  # a container port whose flows are on their way
+            reason, why = "no_role", no_role_reason(self.cfg, bridge, name)
+        else:
+            if self._learnable(name):
+                return False  # the learning flow's copy
+            bound = binding_of(self.declared, BoundPort(name, in_port, role), self.bindings)
+            if bound is not None and pkt.get("eth_src") == bound.mac and (
+                    bound.ip is None or pkt.get("sender_ip") == bound.ip):
+                return True  # its own addresses: the learning flow, before its replacement
+            reason = "spoofed_source"
+            why = (f"its own: {bound.mac} {bound.ip or ''}".strip() if bound is not None
+                   else "its addresses are not known yet")
+        budget = self._drop_logs.setdefault((name, reason), LogBudget(per_second=1.0, burst=5))
+        logged, skipped = budget.take()
+        if logged:
+            self.stats.dropped_logged += 1
+            ethertype = _ethertype(data)
+            log.warning("dropped", reason=reason, bridge=bridge, port=name, in_port=in_port,
+                        role=role.role.value, container=role.vmid, why=why,
+                        eth_src=pkt.get("eth_src"), ip=pkt.get("sender_ip"),
+                        ethertype=f"0x{ethertype:04x}" if ethertype is not None else None,
+                        **({"not_logged_before": skipped} if skipped else {}))
+        return True
 
     def _early_packet(self, bridge: str, in_port: int, pkt: dict[str, Any]) -> None:
         """A packet from a port without flows (classify's default drop sent a copy): kept
@@ -490,10 +647,14 @@ class Controller:
                     None)
 
     def _learnable(self, name: str) -> bool:
-        """A container port on vmbr0 whose addresses are not declared and not learned yet."""
+        """With learn-first-packet, a container port on vmbr0 that has no IPv4 bound yet
+        (not declared, not learned) and whose declaration was not refused."""
+        if not self.cfg.learning:
+            return False
         role = classify_port(self.cfg, self.cfg.bridges.socket.name, name)
+        d = self.declared.of_port(name)
         return (role.role in (Role.SERVICE, Role.PRIVACY) and name not in self.bindings
-                and not self.cfg.container(role.vmid or 0).mac)
+                and (d is None or (d.ipv4 is None and d.refused is None)))
 
     def _take_early(self, old_ports: dict[str, dict[str, int]]) -> list[tuple[str, Binding]]:
         """Caller holds the lock. Container ports new in OVSDB whose first packets came
@@ -561,7 +722,8 @@ class Controller:
         bridge = self.cfg.bridges.socket.name
         session = self.session_for(bridge)
         if (self._base is None or bridge not in self._base or session is None
-                or session.installed is None or self.policy_pending or ip in self._local_ips):
+                or session.installed is None or self.policy_pending or self.guests_pending
+                or ip in self._local_ips):
             return None
         new = _remote_flow(ip, mac)
         stale = self._remote_flows.get(ip)
@@ -595,9 +757,18 @@ class Controller:
             changed = False
             for ofport, binding in found_bindings.items():
                 name = by_ofport.get(ofport)
-                if name is not None and name not in self.bindings:
-                    self.bindings[name] = binding
-                    changed = True
+                if name is None or name in self.bindings or not self._learnable(name):
+                    continue
+                # what the switch remembers is checked like a packet: the policy, the
+                # declarations or the mode may have changed while socknet was down
+                refusal = learn_refusal(self.declared, name, binding, self.bindings,
+                                        self.policy)
+                if refusal is not None:
+                    log.warning("binding_not_adopted", port=name, mac=binding.mac,
+                                ip=binding.ip, kind=refusal.kind, reason=refusal.reason)
+                    continue
+                self.bindings[name] = binding
+                changed = True
             now = time.monotonic()
             for ip, mac in found_remote.items():
                 if ip not in self.remote:

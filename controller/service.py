@@ -25,8 +25,23 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     from controller.ovsdb import OvsdbView
     from controller.reload import PolicyReloader, load_checked
 
+    # Proxmox's guest configs are read once before anything is reconciled (the controller
+    # waits for them, guests_pending): a restart must never take a container's flows
+    # away for the moment before Proxmox's declarations are known
+    watcher = None
+    if cfg.pve is not None:
+        from controller.pve_watch import PveWatcher
+
+        watcher = PveWatcher(cfg.pve, lambda _guests, _why: None)
+        watcher.poll("start")
     controller = Controller(cfg, audit_interval_s=audit_interval_s,
-                            policy_pending=policy_path is not None)
+                            policy_pending=policy_path is not None,
+                            guests_pending=watcher is not None)
+    if watcher is not None:
+        watcher.on_change = controller.set_guests
+        controller.set_guests(watcher.guests, "start")  # logs what was read, its conflicts
+    else:
+        controller.log_conflicts()  # host.yaml's own
 
     def load_policy() -> None:
         """In the background, so the OpenFlow listener is up at once: OVS backs off
@@ -58,6 +73,8 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
         os._exit(0)
 
     def hangup(_signum: int, _frame: FrameType | None) -> None:
+        if watcher is not None:  # re-read Proxmox's guest configs now
+            threading.Thread(target=watcher.poll, args=("SIGHUP", True), daemon=True).start()
         if reloader is None:
             log.info("sighup_ignored", reason="no policy file configured")
             return
@@ -77,6 +94,8 @@ def run_controller(cfg: HostConfig, audit_interval_s: float = 30.0,
     osken_cfg.CONF(args=osken_args(cfg), project="os_ken")
     controller.start()
     threading.Thread(target=follow_ovsdb, name="socknet-ovsdb", daemon=True).start()
+    if watcher is not None:
+        watcher.start(stop)
     if cfg.bridges.mesh.vxlan:
         from controller.peersync import start_thread
 

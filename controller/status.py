@@ -1,7 +1,10 @@
-"""`socknet status`: OVSDB view (bridges, ports, roles, controller) + flows per table."""
+"""`socknet status`: OVSDB view (bridges, ports, roles, controller) + flows per table, the
+policy's per-rule counters and the drop counters (both from the switch's flow statistics,
+counted by topology.counters as the metrics endpoint does)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,12 +13,41 @@ from pathlib import Path
 from typing import Any
 
 from topology.config import HostConfig
+from topology.counters import FlowCount, drop_counters, rule_counters
+from topology.drops import REASONS_BY_NAME
 from topology.model import Owner, cookie_owner
 from topology.pipeline import PIPELINES
 
-_FLOW_RE = re.compile(r"cookie=0x(?P<cookie>[0-9a-f]+).*?table=(?P<table>\d+)")
-_STATS_RE = re.compile(r"n_packets=(?P<pkts>\d+), n_bytes=(?P<bytes>\d+)")
-_RULE_RE = re.compile(r"load:(?P<id>0x[0-9a-f]+|\d+)->NXM_NX_REG2\[\]")
+_COOKIE_RE = re.compile(r"\bcookie=0x(?P<v>[0-9a-f]+)")
+_TABLE_RE = re.compile(r"\btable=(?P<v>\d+)")
+_PRIORITY_RE = re.compile(r"\bpriority=(?P<v>\d+)")
+_PACKETS_RE = re.compile(r"\bn_packets=(?P<v>\d+)")
+_BYTES_RE = re.compile(r"\bn_bytes=(?P<v>\d+)")
+_RULE_RE = re.compile(r"(?:load:(?P<a>0x[0-9a-f]+|\d+)->NXM_NX_REG2\[\]"
+                      r"|set_field:(?P<b>0x[0-9a-f]+|\d+)->reg2\b)")
+OFP_DEFAULT_PRIORITY = 32768  # what ovs-ofctl leaves out
+
+
+def _int(rx: re.Pattern[str], text: str, default: int = 0) -> int:
+    m = rx.search(text)
+    return int(m.group("v")) if m else default
+
+
+def parse_dump_flows(text: str) -> list[tuple[int, FlowCount]]:
+    """``ovs-ofctl dump-flows`` output -> (cookie, FlowCount) per flow. The match part and
+    the actions are read apart: actions may carry their own ``priority=`` (learn)."""
+    out = []
+    for line in text.splitlines():
+        head, _, actions = line.partition(" actions=")
+        m = _COOKIE_RE.search(head)
+        if m is None:
+            continue
+        rule = _RULE_RE.search(actions)
+        rule_id = int(rule.group("a") or rule.group("b"), 0) if rule else None
+        out.append((int(m.group("v"), 16), FlowCount(
+            _int(_TABLE_RE, head), _int(_PRIORITY_RE, head, OFP_DEFAULT_PRIORITY),
+            _int(_PACKETS_RE, head), _int(_BYTES_RE, head), rule_id)))
+    return out
 
 
 def _ofctl(cfg: HostConfig, *args: str) -> subprocess.CompletedProcess[str] | None:
@@ -24,29 +56,6 @@ def _ofctl(cfg: HostConfig, *args: str) -> subprocess.CompletedProcess[str] | No
         return None
     return subprocess.run([ofctl, "-O", "OpenFlow14", *args], capture_output=True, text=True,
                           timeout=10)
-
-
-def rule_counters(cfg: HostConfig, policy: Any) -> list[dict[str, Any]]:
-    """Packets/bytes per policy rule, from the switch's policy_rules flow statistics."""
-    t = PIPELINES["socket"].by_name("policy_rules").number
-    res = _ofctl(cfg, "dump-flows", mgmt_target(cfg, cfg.bridges.socket.name), f"table={t}")
-    if res is None or res.returncode != 0:
-        return []
-    pkts: Counter[int] = Counter()
-    nbytes: Counter[int] = Counter()
-    for line in res.stdout.splitlines():
-        rule, stats = _RULE_RE.search(line), _STATS_RE.search(line)
-        if rule and stats:
-            rule_id = int(rule.group("id"), 0)
-            pkts[rule_id] += int(stats.group("pkts"))
-            nbytes[rule_id] += int(stats.group("bytes"))
-    out = []
-    for r in policy.rules:
-        out.append({"rule": r.name, "action": r.action, "packets": pkts.get(r.rule_id, 0),
-                    "bytes": nbytes.get(r.rule_id, 0)})
-    out.append({"rule": "default", "action": policy.default, "packets": pkts.get(0, 0),
-                "bytes": nbytes.get(0, 0)})
-    return out
 
 
 def mgmt_target(cfg: HostConfig, bridge: str) -> str:
@@ -58,26 +67,40 @@ def mgmt_target(cfg: HostConfig, bridge: str) -> str:
     return bridge  # ovs-ofctl finds the system instance's socket by bridge name
 
 
-def flow_counts(cfg: HostConfig, bridge: str) -> dict[str, Any]:
-    """Flows per table (and learned ones apart), read with ovs-ofctl over the mgmt socket."""
+def read_flows(cfg: HostConfig, bridge: str) -> list[tuple[int, FlowCount]] | str:
+    """The bridge's flows with their counters, read with ovs-ofctl over the mgmt socket;
+    a string says why they could not be read."""
     res = _ofctl(cfg, "dump-flows", mgmt_target(cfg, bridge))
     if res is None:
-        return {"error": "ovs-ofctl not installed"}
+        return "ovs-ofctl not installed"
     if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+        return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+    return parse_dump_flows(res.stdout)
+
+
+def flow_counts(flows: list[tuple[int, FlowCount]]) -> dict[str, Any]:
+    """Flows per table, learned ones apart, and how many are not socknet's."""
     per_table: Counter[int] = Counter()
     learned: Counter[int] = Counter()
     foreign = 0
-    for m in _FLOW_RE.finditer(res.stdout):
-        cookie, table = int(m.group("cookie"), 16), int(m.group("table"))
+    for cookie, f in flows:
         owner = cookie_owner(cookie)
         if owner is Owner.LEARNED:
-            learned[table] += 1
+            learned[f.table] += 1
         else:
-            per_table[table] += 1
+            per_table[f.table] += 1
             foreign += owner is None
     return {"tables": dict(sorted(per_table.items())), "learned": dict(sorted(learned.items())),
             "foreign": foreign}
+
+
+def _rules(policy: Any, counts: list[FlowCount]) -> list[dict[str, Any]]:
+    decided = rule_counters(counts)
+    out = [{"rule": r.name, "action": r.action, "packets": decided.get(r.rule_id, (0, 0))[0],
+            "bytes": decided.get(r.rule_id, (0, 0))[1]} for r in policy.rules]
+    out.append({"rule": "default", "action": policy.default,
+                "packets": decided.get(0, (0, 0))[0], "bytes": decided.get(0, (0, 0))[1]})
+    return out
 
 
 def collect_status(cfg: HostConfig, policy_path: Path | None = None) -> dict[str, Any]:
@@ -90,23 +113,85 @@ def collect_status(cfg: HostConfig, policy_path: Path | None = None) -> dict[str
     except (OvsdbError, OSError, TimeoutError) as exc:
         return {"bridges": {}, "problems": [f"cannot read OVSDB at {cfg.ovsdb}: {exc}"]}
     data = status_data(cfg, snap)
-    for name, bridge in data["bridges"].items():
-        if bridge.get("present"):
-            bridge["flows"] = flow_counts(cfg, name)
+    elsewhere = namespace_problem(cfg, snap.ports)
+    if elsewhere is not None:
+        data["problems"].insert(0, elsewhere)
+    policy = None
     if policy_path is not None:
         from topology.policy import PolicyError, load_policy
 
         try:
-            data["rules"] = rule_counters(cfg, load_policy(policy_path))
+            policy = load_policy(policy_path)
         except PolicyError as exc:
             data["problems"].append(f"policy file: {exc.problems[0]}")
-    peers = _mesh_peers(cfg, snap.ports.get(cfg.bridges.mesh.name, {}))
-    if peers is not None:
-        from controller.peersync import status_problems
+    for name, bridge in data["bridges"].items():
+        if not bridge.get("present"):
+            continue
+        flows = read_flows(cfg, name)
+        if isinstance(flows, str):
+            bridge["flows"] = {"error": flows}
+            continue
+        bridge["flows"] = flow_counts(flows)
+        counts = [f for _, f in flows]
+        pipeline = "mesh" if bridge["kind"] == "mesh" else "socket"
+        bridge["drops"] = {reason: {"packets": p, "bytes": b}
+                           for reason, (p, b) in drop_counters(pipeline, counts).items()}
+        if pipeline == "socket" and policy is not None:
+            data["rules"] = _rules(policy, counts)
+    if elsewhere is None:  # in the wrong namespace every peer would look down: say nothing
+        peers = _mesh_peers(cfg, snap.ports.get(cfg.bridges.mesh.name, {}))
+        if peers is not None:
+            from controller.peersync import status_problems
 
-        data["mesh_peers"] = peers
-        data["problems"].extend(status_problems(peers))
+            data["mesh_peers"] = peers
+            data["problems"].extend(status_problems(peers))
     return data
+
+
+def namespace_problem(cfg: HostConfig, ports: dict[str, dict[str, int]]) -> str | None:
+    """OVSDB lists the bridges and their ports, but not one of them is a network device
+    here: this process is not in ovs-vswitchd's network namespace, and whatever it reads
+    from netlink (mesh peers, addresses) is about another host. None if all is well."""
+    from controller import links
+
+    bridges = [b for b in (cfg.bridges.mesh.name, cfg.bridges.socket.name) if b in ports]
+    names = [*bridges, *(p for b in bridges for p in ports[b])]
+    if not names:
+        return None
+    try:
+        here = links.link_names()
+    except (OSError, links.NetlinkError):
+        return None
+    if here & set(names):
+        return None
+    shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+    enter = enter_vswitchd_netns(cfg)
+    hint = (f"ovs-vswitchd runs elsewhere: {enter} socknet status -c ..." if enter
+            else "run socknet status in ovs-vswitchd's network namespace")
+    return (f"wrong network namespace: OVSDB at {cfg.ovsdb} lists {shown}, but none of "
+            f"them is a network device here ({hint})")
+
+
+def enter_vswitchd_netns(cfg: HostConfig) -> str | None:
+    """The command prefix that enters ovs-vswitchd's network namespace (``ip netns exec
+    NAME``, or ``nsenter`` for an unnamed one), from the pid file next to the OVSDB
+    socket; None when it cannot be told or it is this process's own."""
+    if not cfg.ovsdb.startswith("unix:"):
+        return None
+    try:
+        pid = int((Path(cfg.ovsdb[5:]).parent / "ovs-vswitchd.pid").read_text().strip())
+        theirs = os.stat(f"/proc/{pid}/ns/net").st_ino
+        if theirs == os.stat("/proc/self/ns/net").st_ino:
+            return None
+    except (OSError, ValueError):
+        return None
+    try:
+        for entry in Path("/run/netns").iterdir():
+            if entry.stat().st_ino == theirs:
+                return f"ip netns exec {entry.name}"
+    except OSError:
+        pass
+    return f"nsenter --target {pid} --net"
 
 
 def _mesh_peers(cfg: HostConfig, mesh_ports: dict[str, int]) -> dict[str, Any] | None:
@@ -150,6 +235,11 @@ def format_status(data: dict[str, Any]) -> str:
                 lines.append(f"  table {t.number:>3} {t.name:<16} {n:>6} flows{extra}")
             if flows.get("foreign"):
                 lines.append(f"  foreign flows (not socknet's): {flows['foreign']}")
+        if b.get("drops"):
+            lines.append("  dropped (packets / bytes, from the switch's counters):")
+            for reason, d in b["drops"].items():
+                what = REASONS_BY_NAME[reason].what if reason in REASONS_BY_NAME else ""
+                lines.append(f"    {reason:<16} {d['packets']:>10} {d['bytes']:>12}  {what}")
     if data.get("rules"):
         lines.append("policy rules (packets / bytes decided, from the switch's counters):")
         for r in data["rules"]:

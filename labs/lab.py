@@ -66,7 +66,8 @@ class SocketLab:
                  privacy_ids: tuple[int, ...] = PRIVACY_IDS,
                  service_ids: tuple[int, ...] = SERVICE_IDS,
                  mesh_uplinks: tuple[str, ...] = ("nm-privacy",),
-                 mtu: int | None = None, tls_dir: Path | None = None) -> None:
+                 mtu: int | None = None, tls_dir: Path | None = None,
+                 addresses: str = "learn-first-packet") -> None:
         if len(prefix) > 8:
             raise ValueError("prefix must be at most 8 characters (interface name limits)")
         self.prefix = prefix
@@ -81,6 +82,13 @@ class SocketLab:
         # controller-cert.pem, switch-key.pem, switch-cert.pem and ca-cert.pem
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None
         self.undeclared: set[int] = set()  # containers host.yaml does not declare
+        self.mac_only: set[int] = set()  # containers host.yaml declares with a MAC alone
+        # The lab's containers come and go undeclared (moves, new ports): it learns their
+        # addresses from their first packets, as host.yaml says explicitly (socknet's
+        # default is "declared"). Its Proxmox directory is its own (empty until a test
+        # writes a guest config there), never the machine's /etc/pve.
+        self.addresses = addresses
+        self.pve_dir = self.workdir / "pve"
         self.host = f"{prefix}h"
         self.mesh_ns = f"{prefix}m"
         self.exit_ns = f"{prefix}x"
@@ -112,8 +120,9 @@ class SocketLab:
         containers = "\n".join(
             f'  {vmid}: {{mac: "{container_mac(vmid)}", ip: {self.container_ip(vmid)}/24}}'
             for vmid in (*self.privacy_ids, *self.service_ids)
-            if vmid not in self.undeclared
-        )
+            if vmid not in self.undeclared | self.mac_only
+        ) + "".join(f'\n  {vmid}: {{mac: "{container_mac(vmid)}"}}'
+                    for vmid in sorted(self.mac_only))
         uplinks = ", ".join(json.dumps(u) for u in self.mesh_uplinks)
         return (
             f"host: {self.prefix}\n"
@@ -124,7 +133,17 @@ class SocketLab:
             f"  mesh: {{name: mesh, uplinks: [{uplinks}], to_socket: to-socket}}\n"
             "  socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}\n"
             f"containers:\n{containers}\n"
+            f"addresses: {self.addresses}\n"
+            f"pve: {{dir: '{self.pve_dir}', poll_s: 0.5}}\n"
         )
+
+    def write_guest_config(self, path: str, text: str) -> None:
+        """Write ``<pve dir>/<path>`` (e.g. ``lxc/205.conf``) as pmxcfs shows it: whole."""
+        target = self.pve_dir / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
 
     def _controller_yaml(self) -> str:
         if self.tls_dir is None:
@@ -159,6 +178,8 @@ class SocketLab:
     def start_host(self) -> None:
         """The host namespace, its private OVS, host.yaml and ``socknet bootstrap``."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for sub in ("lxc", "qemu-server"):  # a mounted pmxcfs always shows both
+            (self.pve_dir / sub).mkdir(parents=True, exist_ok=True)
         nsl.create_netns(self.host)
         nsl.disable_ipv6(self.host)
         self.ovs.start()
@@ -283,6 +304,14 @@ class SocketLab:
     def flows(self, bridge: str) -> list[str]:
         return self.ovs.dump_flows(bridge)
 
+    @property
+    def metrics_url(self) -> str:
+        """The controller's Prometheus endpoint, inside the host namespace (the labs keep
+        host.yaml's default `metrics.listen`)."""
+        from topology.config import MetricsCfg
+
+        return f"http://{MetricsCfg().listen}/metrics"
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
@@ -293,6 +322,27 @@ def _env() -> dict[str, str]:
 
 # ---------------------------------------------------------------- CLI (make lab-up / lab-down)
 
+def socknet_command() -> str:
+    """How a root shell runs socknet: ``socknet`` once `make install` (which `make lab-up`
+    and `make demo` run) has put it on PATH, else the virtualenv's own."""
+    if shutil.which("socknet"):
+        return "socknet"
+    venv = Path(sys.executable).parent / "socknet"
+    return str(venv) if venv.exists() else f"{sys.executable} -m controller.cli"
+
+
+def hints(lab: SocketLab) -> list[str]:
+    """What to type to look at one lab host: flows, status, metrics. The host lives in its
+    own network namespace, and so does its metrics endpoint (loopback there)."""
+    enter = f"ip netns exec {lab.host}"
+    return [
+        f"flows:   {enter} ovs-ofctl -O OpenFlow14 dump-flows {lab.ovs.mgmt('vmbr0')}",
+        f"status:  {enter} {socknet_command()} status -c {lab.config_path}",
+        f"metrics: {enter} curl -s {lab.metrics_url}   (the endpoint listens on the lab "
+        "host's loopback)",
+    ]
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labs.lab")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -300,6 +350,9 @@ def _main(argv: list[str] | None = None) -> int:
     up.add_argument("--hosts", type=int, default=1,
                     help="1: this one-host lab; 2 or 3: labs.mesh_lab (real WireGuard mesh)")
     up.add_argument("--prefix", default="snlab")
+    up.add_argument("--policy", type=Path,
+                    help="a policy.yaml to enforce (one host: labs.policy_lab, one service "
+                         "container in each tier)")
     sub.add_parser("down", help="tear down whatever `up` started")
     args = parser.parse_args(argv)
     state = STATE_DIR / "state.json"
@@ -307,26 +360,49 @@ def _main(argv: list[str] | None = None) -> int:
         if args.hosts not in (1, 2, 3):
             print("--hosts must be 1, 2 or 3", file=sys.stderr)
             return 2
+        policy_text = None
+        if args.policy is not None:
+            from topology.policy import PolicyError, load_policy
+
+            try:
+                load_policy(args.policy)
+                policy_text = args.policy.read_text()
+            except PolicyError as exc:
+                for problem in exc.problems:
+                    print(f"lab: {problem}", file=sys.stderr)
+                return 2
         if state.exists():
             print(f"a lab is already up ({state}); run `make lab-down` first", file=sys.stderr)
             return 1
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         if args.hosts > 1:
-            return _mesh_up(args.prefix, args.hosts, state)
+            return _mesh_up(args.prefix, args.hosts, state, policy_text)
+        if policy_text is not None:
+            return _policy_up(args.prefix, args.policy, policy_text, state)
         lab = SocketLab(args.prefix, STATE_DIR / args.prefix)
         lab.up()
         controller_pid = lab.controller.pid if lab.controller else None
         state.write_text(json.dumps({"prefix": args.prefix, "controller_pid": controller_pid}))
         print(f"lab up: host namespace {lab.host}, controller pid {controller_pid}")
-        print(f"  flows:  ip netns exec {lab.host} ovs-ofctl -O OpenFlow14 dump-flows "
-              f"{lab.ovs.mgmt('vmbr0')}")
-        print(f"  status: ip netns exec {lab.host} {sys.executable} -m controller.cli status "
-              f"-c {lab.config_path}")
+        for line in hints(lab):
+            print(f"  {line}")
         return 0
     if not state.exists():
         print("no lab is up", file=sys.stderr)
         return 0
     info = json.loads(state.read_text())
+    if info.get("kind") == "policy":
+        from labs.policy_lab import PolicyLab
+
+        services = {int(v): ip for v, ip in info["services"].items()}
+        plab = PolicyLab(info["prefix"], STATE_DIR / info["prefix"], "", services)
+        plab.containers = {v: Container(v, f"{plab.prefix}c{v}", plab.port_name(v), "", "")
+                           for v in (*plab.privacy_ids, *plab.service_ids)}
+        plab.down()
+        shutil.rmtree(STATE_DIR / info["prefix"], ignore_errors=True)
+        state.unlink()
+        print("lab down")
+        return 0
     if info.get("kind") == "mesh":
         from labs.mesh_lab import MeshLab
 
@@ -350,10 +426,38 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _mesh_up(prefix: str, hosts: int, state: Path) -> int:
+def _policy_up(prefix: str, path: Path, policy_text: str, state: Path) -> int:
+    from labs.policy_lab import PolicyLab, tier_services
+    from topology.policy import parse_policy
+
+    policy = parse_policy(policy_text)
+    placed = tier_services(policy)
+    services = {v: ip for v, (ip, _) in placed.items()}
+    onlink = tuple(str(n) for t in policy.tiers.values() for n in t.nets)
+    lab = PolicyLab(prefix, STATE_DIR / prefix, policy_text, services, onlink=onlink)
+    # written first: `lab-down` can clean up even if `up` is interrupted
+    state.write_text(json.dumps({"kind": "policy", "prefix": prefix,
+                                 "services": {str(v): ip for v, ip in services.items()}}))
+    try:
+        lab.up()
+    except BaseException:
+        state.unlink(missing_ok=True)
+        raise
+    print(f"policy lab up: {path} enforced on host namespace {lab.host}")
+    for vmid, (ip, tier) in placed.items():
+        print(f"  container {vmid}: {ip} (tier {tier}), netns {lab.prefix}c{vmid}")
+    for line in hints(lab):
+        print(f"  {line}")
+    if placed:
+        print(f"  try:     ip netns exec {lab.prefix}c{min(placed)} ping -c1 ADDRESS, then "
+              "status (per-rule counters) or metrics")
+    return 0
+
+
+def _mesh_up(prefix: str, hosts: int, state: Path, policy_text: str | None = None) -> int:
     from labs.mesh_lab import MeshLab
 
-    lab = MeshLab(prefix, STATE_DIR / prefix, hosts=hosts)
+    lab = MeshLab(prefix, STATE_DIR / prefix, hosts=hosts, policy=policy_text)
     # written first: `lab-down` can clean up even if `up` is interrupted
     state.write_text(json.dumps({"kind": "mesh", "prefix": prefix, "hosts": hosts}))
     try:

@@ -93,7 +93,7 @@ from pathlib import Path
 from typing import Any
 
 from labs import netns as nsl
-from labs.lab import INTERNET_IP, Container, SocketLab, _env, container_ip
+from labs.lab import INTERNET_IP, Container, SocketLab, _env, container_ip, hints
 
 PREFIX_MAX = 7  # + host digit = SocketLab's 8
 UNDERLAY_NET = ipaddress.ip_network("192.0.2.0/24")  # TEST-NET-1
@@ -620,11 +620,8 @@ class MeshLab:
                 f"  host {h.index}: netns {h.host}, underlay {h.underlay_ip}, "
                 f"mesh {h.mesh_ip}, WARP router {h.router_ns}",
                 f"    containers: {cs}",
-                "    wg:     " + shlex.join([*h.wg_cmd(), "show"]),
-                f"    flows:  ip netns exec {h.host} ovs-ofctl -O OpenFlow14 dump-flows "
-                f"{h.ovs.mgmt('vmbr0')}",
-                f"    status: ip netns exec {h.host} {sys.executable} -m controller.cli status "
-                f"-c {h.config_path}",
+                "    wg:      " + shlex.join([*h.wg_cmd(), "show"]),
+                *(f"    {line}" for line in hints(h)),
             ]
         lines.append(f"  underlay {self.underlay_ns} (bridge {UNDERLAY_BRIDGE}), exit "
                      f"{self.exit_ns} ({EXIT_UNDERLAY_IP}), internet {self.inet_ns} "

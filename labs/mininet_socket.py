@@ -124,6 +124,7 @@ def host_config_text(controller_port: int, metrics_port: int,
         f"  mesh: {{name: {MESH}, uplinks: [{UPLINK}], to_socket: {TO_SOCKET}}}\n"
         f"  socket: {{name: {SOCKET}, from_mesh: {FROM_MESH}, warp: {WARP}}}\n"
         f"containers:\n{containers}\n"
+        "pve: null\n"  # every container is declared above; never the machine's /etc/pve
     )
 
 

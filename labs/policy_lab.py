@@ -12,11 +12,13 @@ tailnet on-link through the mesh; everything else via the gateway.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
 from labs import netns as nsl
 from labs.lab import GATEWAY, SocketLab
+from topology.policy import Policy
 
 SERVICE_GW_IP = "10.255.255.254"
 SERVICE_INTERNET_IP = "198.18.1.1"
@@ -25,9 +27,13 @@ TAILNET_USER_IP = "100.64.0.5"
 
 class PolicyLab(SocketLab):
     def __init__(self, prefix: str, workdir: Path, policy_text: str,
-                 services: dict[int, str], **kw: object) -> None:
+                 services: dict[int, str], *, onlink: tuple[str, ...] = (),
+                 **kw: object) -> None:
+        """``onlink``: more subnets the service containers reach directly on vmbr0 (tier
+        subnets outside 10.0.0.0/8), besides 10.0.0.0/8 and the tailnet."""
         super().__init__(prefix, workdir, service_ids=tuple(services), **kw)  # type: ignore[arg-type]
         self.service_ips = dict(services)
+        self.onlink = tuple(onlink)
         self.gw_ns = f"{prefix}g"
         self.policy_path = self.workdir / "policy.yaml"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +54,10 @@ class PolicyLab(SocketLab):
             return
         nsl.add_route(ns, "10.0.0.0/8", ifname="eth0")
         nsl.add_route(ns, "100.64.0.0/10", ifname="eth0")
+        own = ipaddress.ip_interface(f"{self.service_ips[vmid]}/24").network
+        for net in self.onlink:
+            if ipaddress.ip_network(net) != own:
+                nsl.add_route(ns, net, ifname="eth0")
         nsl.add_default_route(ns, SERVICE_GW_IP)
 
     @property
@@ -80,4 +90,17 @@ class PolicyLab(SocketLab):
         self.ovs.add_port("vmbr0", "svcgw0")
 
 
-__all__ = ["GATEWAY", "PolicyLab", "SERVICE_GW_IP", "SERVICE_INTERNET_IP", "TAILNET_USER_IP"]
+def tier_services(policy: Policy, first_vmid: int = 200) -> dict[int, tuple[str, str]]:
+    """One service container per tier of a policy, for `make lab-up POLICY=...`: vmid ->
+    (address, tier), the tenth address of the tier's first CIDR (the first for a small
+    one)."""
+    out: dict[int, tuple[str, str]] = {}
+    for i, (name, tier) in enumerate(policy.tiers.items()):
+        net = tier.nets[0]
+        step = 10 if net.num_addresses > 16 else 1 if net.num_addresses > 2 else 0
+        out[first_vmid + i] = (str(net.network_address + step), name)
+    return out
+
+
+__all__ = ["GATEWAY", "PolicyLab", "SERVICE_GW_IP", "SERVICE_INTERNET_IP", "TAILNET_USER_IP",
+           "tier_services"]

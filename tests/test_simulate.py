@@ -27,6 +27,7 @@ from topology.model import (
     flow,
     learn_mac_to_port,
 )
+from topology.openflow import ETH_IPV6
 from topology.simulate import (
     BROADCAST,
     EST,
@@ -44,6 +45,9 @@ from topology.simulate import (
     deliveries,
     ethernet,
     ipv4,
+    ipv6,
+    neighbor_advert,
+    neighbor_solicit,
     ties,
 )
 
@@ -459,6 +463,7 @@ def test_flow_with_two_conjunction_ids():
 
 HOST = """
 datapath_type: netdev
+addresses: learn-first-packet  # these containers are learned
 bridges:
   mesh: {name: mesh, uplinks: [nm-privacy], to_socket: to-socket}
   socket: {name: vmbr0, from_mesh: from-mesh, warp: warp0}
@@ -622,3 +627,98 @@ def test_unknown_port_is_dropped():
     assert to(sw, ethernet(UNKNOWN, A)) == set()
     assert to(sw, ipv4(UNKNOWN, A, C100, "10.0.0.7", C100_IP)) == set()
     assert to(sw, arp_request(UNKNOWN, A, "10.0.0.7", C100_IP)) == set()
+
+
+# ---------------------------------------------------------------- IPv6 fields
+
+
+V6A, V6B = "fd00::a", "fd00::b"
+
+
+def test_ipv6_packets_match_addresses_label_ports_and_icmpv6():
+    sw = Switch([
+        flow(0, 30, eth_type=ETH_IPV6, ipv6_src=("fd00::", "ffff:ffff::"), ip_proto=6,
+             tcp_dst=5432, actions=[Output(2)]),
+        flow(0, 20, eth_type=ETH_IPV6, ipv6_dst=V6B, ipv6_label=(0x100, 0xFFF00),
+             actions=[Output(3)]),
+        flow(0, 10, eth_type=ETH_IPV6, ip_proto=58, icmpv6_type=128, icmpv6_code=0,
+             actions=[Output(4)]),
+        flow(0, 5, eth_type=0x800, actions=[Output(5)]),
+    ])
+    assert deliveries(sw, ipv6(1, A, B, V6A, V6B, "tcp", dport=5432)) == {2}
+    assert deliveries(sw, ipv6(1, A, B, "fd01::a", V6B, "tcp", dport=5432)) == set()
+    assert deliveries(sw, ipv6(1, A, B, "fd01::a", V6B, "udp", label=0x1FF)) == {3}
+    assert deliveries(sw, ipv6(1, A, B, "fd01::a", V6B, "udp", label=0x200)) == set()
+    assert deliveries(sw, ipv6(1, A, B, V6A, "fd00::c", "icmpv6")) == {4}
+    assert deliveries(sw, ipv6(1, A, B, V6A, "fd00::c", "icmpv6", icmp_type=129)) == set()
+    # an IPv4 flow never matches IPv6, and the other way round
+    assert deliveries(sw, ipv4(1, A, B, "10.0.0.1", "10.0.0.2", "tcp", dport=5432)) == {5}
+
+
+def test_ipv6_packets_are_canonical_and_reply_swaps():
+    pkt = ipv6(1, A, B, "FD00:0:0::A", "fd00:0000::b", "icmpv6")
+    assert (pkt.ipv6_src, pkt.ipv6_dst) == (V6A, V6B)
+    back = pkt.reply(2)
+    assert (back.ipv6_src, back.ipv6_dst, back.icmpv6_type) == (V6B, V6A, 129)
+    with pytest.raises(FlowError):
+        ipv6(1, A, B, "fd00::zz", V6B)
+    with pytest.raises(FlowError):
+        ipv6(1, A, B, V6A, V6B, label=1 << 20)  # the flow label is 20 bits
+
+
+def test_neighbour_discovery_fields_match_only_their_messages():
+    sw = Switch([
+        flow(0, 30, eth_type=ETH_IPV6, ip_proto=58, icmpv6_type=135, ipv6_nd_target=V6B,
+             ipv6_nd_sll=A, actions=[Output(2)]),
+        flow(0, 20, eth_type=ETH_IPV6, ip_proto=58, icmpv6_type=136,
+             ipv6_nd_target=("fd00::", "ffff::"), ipv6_nd_tll=B, actions=[Output(3)]),
+        flow(0, 10, eth_type=ETH_IPV6, ip_proto=58, icmpv6_type=135, actions=[Output(4)]),
+    ])
+    ns = neighbor_solicit(1, A, V6A, V6B)
+    assert (ns.eth_dst, ns.ipv6_dst) == ("33:33:ff:00:00:0b", "ff02::1:ff00:b")
+    assert deliveries(sw, ns) == {2}
+    assert deliveries(sw, neighbor_solicit(1, A, V6A, "fd00::c")) == {4}
+    assert deliveries(sw, neighbor_solicit(1, A, "::", V6B, sll="")) == {4}  # DAD: no sll
+    assert deliveries(sw, neighbor_solicit(1, C, V6A, V6B)) == {4}  # another sll
+    assert deliveries(sw, neighbor_advert(2, B, V6B, A, V6A)) == {3}
+    assert deliveries(sw, neighbor_advert(2, C, "fe80::c", A, V6A, tll=C)) == set()
+    assert deliveries(sw, neighbor_advert(2, B, "fe80::b", A, V6A, target_ip="fd01::b")) == set()
+
+
+def test_neighbour_discovery_prerequisites_like_ovs():
+    nd = {"eth_type": ETH_IPV6, "ip_proto": 58}
+    Switch([flow(0, 1, **nd, icmpv6_type=135, icmpv6_code=0, ipv6_nd_sll=A)])
+    Switch([flow(0, 1, **nd, icmpv6_type=136, ipv6_nd_tll=A)])  # code 0 need not be matched
+    for bad in (flow(0, 1, **nd, icmpv6_type=136, ipv6_nd_sll=A),  # sll is NS only
+                flow(0, 1, **nd, icmpv6_type=135, ipv6_nd_tll=A),  # tll is NA only
+                flow(0, 1, **nd, icmpv6_type=135, icmpv6_code=1, ipv6_nd_target=V6A),
+                flow(0, 1, **nd, icmpv6_type=128, ipv6_nd_target=V6A),
+                flow(0, 1, eth_type=0x800, ip_proto=58, icmpv6_type=135),
+                flow(0, 1, eth_type=ETH_IPV6, ip_proto=1, icmpv4_type=8),
+                flow(0, 1, eth_type=0x800, ipv6_src=V6A),
+                flow(0, 1, eth_type=ETH_IPV6, icmpv6_type=(128, 0xF0)),  # not maskable
+                flow(0, 1, eth_type=ETH_IPV6, ipv6_label=1 << 20)):
+        with pytest.raises(FlowError):
+            Switch([bad])
+
+
+def test_ipv6_set_field_move_and_learn():
+    learn = Learn(5, 10, 60, (
+        LearnSpec("match", "0x86dd", "NXM_OF_ETH_TYPE[]"),
+        LearnSpec("match", "NXM_NX_IPV6_SRC[]", "NXM_NX_IPV6_DST[]"),
+        LearnSpec("load", "NXM_OF_IN_PORT[]", "NXM_NX_REG1[0..15]"),
+    ))
+    sw = Switch([
+        flow(0, 20, in_port=1, eth_type=ETH_IPV6, actions=[
+            learn, SetField("ipv6_src", V6B), SetField("ipv6_label", 0x12345),
+            MoveField("NXM_NX_IPV6_DST[0..15]", "NXM_NX_REG3[0..15]"), Output(2)]),
+        flow(0, 10, in_port=2, eth_type=ETH_IPV6, actions=[Resubmit(5), OutputReg("reg1")]),
+        flow(5, 0),
+    ])
+    result = sw.process(ipv6(1, A, B, V6A, "fd00::1:2", "udp"))
+    [(port, out)] = result.outputs
+    assert (port, out.ipv6_src, out.ipv6_dst, out.ipv6_label) == (2, V6B, "fd00::1:2", 0x12345)
+    (learned,) = sw.learned()
+    assert learned.match == (("eth_type", ETH_IPV6), ("ipv6_dst", V6A))
+    assert deliveries(sw, ipv6(2, B, A, V6B, V6A, "udp")) == {1}
+    assert deliveries(sw, ipv6(2, B, A, V6B, "fd00::c", "udp")) == set()

@@ -17,7 +17,7 @@ from topology.config import HostConfig, parse_host_config
 from topology.flows import desired_state
 from topology.model import SetReg
 from topology.pipeline import REG_RULE, SOCKET_PIPELINE
-from topology.policy import Policy
+from topology.policy import Policy, PolicyError, parse_policy
 from topology.simulate import Conntrack, Switch, ipv4
 
 MESH_PORT, SERVICE_PORT = 1, 2
@@ -109,3 +109,16 @@ def failing_tests(policy: Policy) -> list[str]:
     if not policy.tests:
         return []  # nothing to run: no need to build the simulated switch
     return [str(o) for o in run_tests(policy) if not o.passed]
+
+
+def check_policy_text(text: str, path: str = "<policy>") -> tuple[Policy | None, list[str]]:
+    """A policy given as text (a fleet generation): parsed, validated and its tests run
+    on the compiled flows, as `socknet check` does. The policy, or the problems."""
+    try:
+        policy = parse_policy(text, path)
+    except PolicyError as exc:
+        return None, exc.problems
+    failures = failing_tests(policy)
+    if failures:
+        return None, [f"test failed: {f}" for f in failures]
+    return policy, []

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from topology.fleet import check_host_name
 from topology.yamlpos import (
     LineIndex,
     capped,
@@ -304,6 +305,77 @@ class ContainerCfg(_Strict):
             raise ValueError(f"{value!r} is not an IPv4 address or CIDR: {exc}") from None
 
 
+class PveCfg(_Strict):
+    """Proxmox's guest configs, the authority on container addresses (see topology.pve)."""
+
+    dir: str = "/etc/pve"  # absent (a lab, a non-Proxmox host): host.yaml declares alone
+    poll_s: float = Field(default=2.0, ge=0.2, le=600)  # pmxcfs is FUSE: no inotify
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
+
+def _abs_path(value: Any) -> str:
+    """An absolute path (the file may not exist yet: `socknet fleet init` makes it)."""
+    if not isinstance(value, str) or not value or not Path(value).is_absolute():
+        raise ValueError(f"{value!r} is not an absolute path")
+    return value
+
+
+AbsPath = Annotated[str, BeforeValidator(_abs_path)]
+
+
+class FleetTlsCfg(_Strict):
+    """This host's identity in the fleet database: its certificate's CN is ``host``."""
+
+    key: AbsPath
+    cert: AbsPath
+    ca_cert: AbsPath  # the fleet CA: members and hosts are checked against it
+
+
+class FleetMemberCfg(_Strict):
+    """Present on the 3 or 5 hosts that run a member of the fleet database."""
+
+    address: str  # this member's mesh address (one of fleet.members)
+    db: AbsPath = "/var/lib/socknet/fleet/fleet.db"
+    run_dir: AbsPath = "/run/socknet-fleet"  # pidfile, unixctl, admin.sock
+
+
+class FleetCfg(_Strict):
+    """The fleet database (docs/fleet.md): a Raft cluster of ovsdb-server members."""
+
+    members: list[str] = Field(min_length=3, max_length=5)  # the members' mesh addresses
+    client_port: int = Field(default=6641, ge=1, le=65535)
+    raft_port: int = Field(default=6643, ge=1, le=65535)
+    tls: FleetTlsCfg
+    member: FleetMemberCfg | None = None
+    heartbeat_s: int = Field(default=10, ge=1, le=600)
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, value: list[str]) -> list[str]:
+        if len(value) not in (3, 5):
+            raise ValueError(f"{len(value)} members: a fleet database has 3 or 5 (a majority "
+                             "must survive one or two failures)")
+        out = [str(ipaddress.ip_address(a)) for a in value]
+        if len(set(out)) != len(out):
+            raise ValueError("a member address is listed twice")
+        return out
+
+    @model_validator(mode="after")
+    def _ports_and_member(self) -> FleetCfg:
+        if self.client_port == self.raft_port:
+            raise ValueError("client_port and raft_port must differ")
+        if self.member is not None and str(ipaddress.ip_address(self.member.address)) \
+                not in self.members:
+            raise ValueError(f"member.address {self.member.address} is not one of members")
+        return self
+
+
 class HostConfig(_Strict):
     host: Text = "localhost"
     ovsdb: Text = "unix:/var/run/openvswitch/db.sock"
@@ -311,8 +383,14 @@ class HostConfig(_Strict):
     controller: ControllerCfg = ControllerCfg()
     metrics: MetricsCfg = MetricsCfg()
     bridges: BridgesCfg
-    containers: dict[int, ContainerCfg] = Field(default_factory=dict, max_length=MAX_CONTAINERS)
+    containers: dict[int, ContainerCfg] = Field(default_factory=dict,  # wins over pve
+                                                max_length=MAX_CONTAINERS)
+    pve: PveCfg | None = PveCfg()  # null: no Proxmox authority
+    # declared: only addresses from pve/containers; learn-first-packet: also bind an
+    # undeclared container to its first packet's addresses (never a policy-named one)
+    addresses: Literal["declared", "learn-first-packet"] = "declared"
     policy: Text | None = None
+    fleet: FleetCfg | None = None  # None: a single host, no fleet database (the default)
 
     @field_validator("ovsdb")
     @classmethod
@@ -331,8 +409,21 @@ class HostConfig(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _fleet_host_name(self) -> HostConfig:
+        if self.fleet is not None:
+            if "host" not in self.model_fields_set:
+                raise ValueError("fleet: needs host: (this host's name in the fleet, the CN "
+                                 "of its certificate)")
+            check_host_name(self.host)
+        return self
+
     def container(self, vmid: int) -> ContainerCfg:
         return self.containers.get(vmid, ContainerCfg())
+
+    @property
+    def learning(self) -> bool:
+        return self.addresses == "learn-first-packet"
 
 
 def load_host_config(path: str | Path) -> HostConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from topology.addresses import Binding, Declarations, binding_from, declarations
 from topology.config import HostConfig
 from topology.model import (
     Action,
@@ -29,6 +30,7 @@ from topology.model import (
     flow,
     learn_mac_to_port,
 )
+from topology.openflow import ETH_ARP, ETH_IPV4
 from topology.pipeline import (
     CLASS_GATEWAY,
     CLASS_MESH,
@@ -38,6 +40,7 @@ from topology.pipeline import (
     LEARN_IDLE_TIMEOUT,
     MESH_LEARN_IDLE_TIMEOUT,
     MESH_PIPELINE,
+    METER_DROP,
     METER_EARLY,
     METER_LEARN,
     REG_CLASS,
@@ -50,21 +53,12 @@ from topology.policy import Policy
 from topology.policy_compile import compile_policy
 from topology.roles import PortRole, Role, classify_port
 
-ETH_ARP = 0x0806
-ETH_IPV4 = 0x0800
-MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
+MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")  # broadcast included
+ZERO_MAC = "00:00:00:00:00:00"
 
 # Ports as discovered: bridge name -> port name -> OpenFlow port number.
 Ports = Mapping[str, Mapping[str, int]]
 DesiredState = dict[str, frozenset[Flow]]
-
-
-@dataclass(frozen=True)
-class Binding:
-    """The addresses a container port may send with (declared, or learned once)."""
-
-    mac: str
-    ip: str | None = None
 
 
 # Learned bindings: container port name -> Binding (from the controller's learning path).
@@ -98,6 +92,10 @@ def mesh_flows(cfg: HostConfig, ports: Mapping[str, int]) -> frozenset[Flow]:
     uplinks = _of_role(bound, Role.MESH_UPLINK)
     to_socket = _of_role(bound, Role.TO_SOCKET)
     out = {flow(t, 0, note="mesh: default drop (isolation)")}
+    # never a valid sender, never learned: a peer sending from ff:ff:ff:ff:ff:ff would
+    # otherwise pull the host's broadcasts to itself alone
+    out |= {flow(t, 110, eth_src=src, note=f"mesh: source MAC {what}, drop (never learned)")
+            for src, what in ((MULTICAST, "multicast/broadcast"), (ZERO_MAC, "zero"))}
     # Which peer (uplink) each remote MAC sits behind; ages out when the peer goes quiet.
     learn_peer = learn_mac_to_port(l2, 10, MESH_LEARN_IDLE_TIMEOUT)
     for sock in to_socket:
@@ -139,15 +137,20 @@ def service_arp_flow(addr: str, mac: str, owner: Owner = Owner.DISCOVERED) -> Fl
                 **{REG_CLASS: CLASS_SERVICE})
 
 
+def _privacy_ips(cfg: HostConfig, declared: Declarations) -> set[str]:
+    return {d.ipv4 for (vmid, _), d in declared.nics.items()
+            if d.ipv4 and vmid in cfg.bridges.socket.privacy_ids}
+
+
 def local_service_ips(cfg: HostConfig, ports: Mapping[str, int],
-                      learned: Bindings | None = None) -> frozenset[str]:
+                      learned: Bindings | None = None,
+                      declared: Declarations | None = None) -> frozenset[str]:
     """Addresses a remote host learned across the mesh can never claim here: local
     service containers' (declared or learned) and declared privacy containers'."""
+    declared = declarations(cfg) if declared is None else declared
     service = _of_role(bound_ports(cfg, cfg.bridges.socket.name, ports), Role.SERVICE)
-    privacy_ips = {str(c.ip.ip) for v, c in cfg.containers.items()
-                   if c.ip and v in cfg.bridges.socket.privacy_ids}
-    local, _ = _known_service_addresses(cfg, service, learned or {}, {})
-    return frozenset(local) | privacy_ips
+    local, _ = _known_service_addresses(cfg, declared, service, learned or {}, {})
+    return frozenset(local) | _privacy_ips(cfg, declared)
 
 
 # The mesh host's MAC by its IPv4 address, learned when it opens a connection to
@@ -166,67 +169,107 @@ _LEARN_MESH_HOST = Learn(
 )
 
 
-def binding_of(cfg: HostConfig, port: BoundPort, learned: Bindings) -> Binding | None:
-    """Declared addresses win; otherwise what the controller learned for this port."""
-    decl = cfg.container(port.role.vmid or 0)
-    if decl.mac:
-        return Binding(decl.mac, str(decl.ip.ip) if decl.ip else None)
-    return learned.get(port.name)
+def binding_of(declared: Declarations, port: BoundPort, learned: Bindings) -> Binding | None:
+    """Declared addresses win; learning fills in only what the declarations leave open."""
+    return binding_from(declared.of_port(port.name), learned.get(port.name))
 
 
-def _spoof_guard(cfg: HostConfig, containers: list[BoundPort], learned: Bindings) -> set[Flow]:
+def is_declared(declared: Declarations, port: BoundPort, binding: Binding) -> bool:
+    """The binding comes from the declarations alone (its flows belong to the port);
+    otherwise part of it was learned (its flows are DISCOVERED, adopted after a restart)."""
+    d = declared.of_port(port.name)
+    return d is not None and d.mac == binding.mac and d.ipv4 == binding.ip
+
+
+def _spoof_guard(cfg: HostConfig, declared: Declarations, containers: list[BoundPort],
+                 learners: list[BoundPort], learned: Bindings) -> set[Flow]:
+    """Containers send with their bound MAC and IPv4 only. The only MAC learning on
+    vmbr0 happens here, on frames that passed: a privacy container teaches its bound MAC,
+    from-mesh and the gateway teach what they carry, except multicast, zero and any local
+    container's bound MAC (those go on unlearned: a learned entry never displaces it)."""
     t, after = SOCKET_PIPELINE["spoof_guard"], SOCKET_PIPELINE["policy_entry"]
     out = {flow(t, 0, goto=after, note="spoof_guard: mesh, WARP, gateway go on")}
+    out |= {flow(t, 40, eth_src=src, note=f"spoof_guard: source MAC {what}, drop "
+                 "(never valid, never learned)")
+            for src, what in ((MULTICAST, "multicast/broadcast"), (ZERO_MAC, "zero"))}
+    learn_privacy = learn_mac_to_port(SOCKET_PIPELINE["privacy_hosts"], 10,
+                                      LEARN_IDLE_TIMEOUT, REG_OUT)
+    local_macs: dict[str, Owner] = {}
     for port in containers:
-        b = binding_of(cfg, port, learned)
-        owner = Owner.PORTS if cfg.container(port.role.vmid or 0).mac else Owner.DISCOVERED
+        b = binding_of(declared, port, learned)
         who = f"{port.name} (container {port.role.vmid})"
-        if b is None:
-            out.add(flow(t, 10, in_port=port.ofport, actions=[ToController(meter=METER_LEARN)],
-                         owner=Owner.PORTS,
-                         note=f"spoof_guard: {who} addresses unknown: learn (rate-limited), drop"))
+        d = declared.of_port(port.name)
+        if b is None or b.ip is None:
+            if b is not None:
+                local_macs[b.mac] = Owner.PORTS
+            if cfg.learning and not (d is not None and d.refused):
+                out.add(flow(t, 10, in_port=port.ofport,
+                             actions=[ToController(meter=METER_LEARN)], owner=Owner.PORTS,
+                             note=f"spoof_guard: {who} no IPv4 bound: learn (rate-limited), "
+                                  "drop"))
+            else:
+                out.add(flow(t, 10, in_port=port.ofport, owner=Owner.PORTS,
+                             actions=[ToController(meter=METER_DROP)],
+                             note=f"spoof_guard: {who} no IPv4 bound: drop (copy: log)"))
             continue
-        out.add(flow(t, 10, in_port=port.ofport, owner=owner,
-                     note=f"spoof_guard: {who} anything not its own, drop"))
-        if b.ip is None:
-            out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, goto=after,
-                         owner=owner, note=f"spoof_guard: {who} own MAC"))
-            continue
+        owner = Owner.PORTS if is_declared(declared, port, b) else Owner.DISCOVERED
+        local_macs[b.mac] = owner
+        teach: list[Action] = [learn_privacy] if port.role.role is Role.PRIVACY else []
+        # a rate-limited copy tells the controller (a `dropped` event naming the port)
+        out.add(flow(t, 10, in_port=port.ofport, actions=[ToController(meter=METER_DROP)],
+                     owner=owner,
+                     note=f"spoof_guard: {who} anything not its own, drop (copy: log)"))
         out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, eth_type=ETH_IPV4,
-                     ipv4_src=b.ip, goto=after, owner=owner,
+                     ipv4_src=b.ip, actions=teach, goto=after, owner=owner,
                      note=f"spoof_guard: {who} own MAC and IPv4"))
         out.add(flow(t, 20, in_port=port.ofport, eth_src=b.mac, eth_type=ETH_ARP,
-                     arp_spa=b.ip, arp_sha=b.mac, goto=after, owner=owner,
+                     arp_spa=b.ip, arp_sha=b.mac, actions=teach, goto=after, owner=owner,
                      note=f"spoof_guard: {who} ARP for its own addresses"))
+    learn_service = learn_mac_to_port(SOCKET_PIPELINE["service_l2"], 10, LEARN_IDLE_TIMEOUT)
+    for port in learners:
+        out.add(flow(t, 15, in_port=port.ofport, actions=[learn_service], goto=after,
+                     owner=Owner.PORTS,
+                     note=f"spoof_guard: {port.name} teaches its source MAC (service_l2)"))
+    classes = sorted({_LEARNER_CLASS[p.role.role] for p in learners})
+    for mac, owner in sorted(local_macs.items()):
+        for cls in classes:
+            out.add(flow(t, 30, eth_src=mac, goto=after, owner=owner,
+                         note=f"spoof_guard: {mac} is a local container's: from class {cls} "
+                              "it goes on unlearned", **{REG_CLASS: cls}))
     return out
 
 
+_LEARNER_CLASS = {Role.FROM_MESH: CLASS_MESH, Role.GATEWAY: CLASS_GATEWAY}
+
+
 def _known_service_addresses(
-    cfg: HostConfig, service: list[BoundPort], learned: Bindings, remote: Mapping[str, str]
+    cfg: HostConfig, declared: Declarations, service: list[BoundPort], learned: Bindings,
+    remote: Mapping[str, str]
 ) -> tuple[dict[str, str], set[str]]:
     """IPv4 -> MAC of service containers: remote ones learned across the mesh, local
-    ones (declared or learned) winning over them; and which of them host.yaml declares.
+    ones (declared or learned) winning over them; and which of them are declared.
     Privacy containers are never listed."""
     known = dict(remote)
-    privacy_ips = {str(c.ip.ip) for v, c in cfg.containers.items()
-                   if c.ip and v in cfg.bridges.socket.privacy_ids}
+    privacy_ips = _privacy_ips(cfg, declared)
     configured = set()
     for port in service:
-        b = binding_of(cfg, port, learned)
+        b = binding_of(declared, port, learned)
         if b is not None and b.ip is not None:
             known[b.ip] = b.mac
-            if cfg.container(port.role.vmid or 0).mac:
+            if is_declared(declared, port, b):
                 configured.add(b.ip)
     return {ip: mac for ip, mac in known.items() if ip not in privacy_ips}, configured
 
 
 def _classify_default() -> Flow:
-    """Unknown in_port: dropped. A copy goes to the controller (meter METER_EARLY): a new
-    container's first packet can arrive before its port's flows are installed (add-port
-    -> packets within ms, the port's flows tens of ms later); the controller keeps such
-    packets a few seconds, by in_port, and learns the sender's addresses once the port
-    shows up in OVSDB as an undeclared container's. Nothing is forwarded; with the
-    controller dead the copy goes nowhere."""
+    """Unknown in_port: dropped, a copy to the controller (meter METER_EARLY). The copy
+    names the port in a `dropped` event (a port with no role), and with
+    learn-first-packet it is how a new container's first packet is not lost to learning:
+    it can arrive before its port's flows are installed (add-port -> packets within ms,
+    the port's flows tens of ms later); the controller keeps such packets a few seconds,
+    by in_port, and learns the sender's addresses once the port shows up in OVSDB as an
+    undeclared container's. Nothing is forwarded; with the controller dead the copy goes
+    nowhere."""
     return flow(SOCKET_PIPELINE["classify"], 0, actions=[ToController(meter=METER_EARLY)],
                 note="classify: unknown port, drop (a rate-limited copy to the controller)")
 
@@ -243,7 +286,7 @@ def service_port_l2_flow(port: BoundPort, binding: Binding, declared: bool) -> F
                      "local")
 
 
-def _local_service_flows(cfg: HostConfig, service: list[BoundPort],
+def _local_service_flows(declared: Declarations, service: list[BoundPort],
                          learned: Bindings) -> set[Flow]:
     """Per local service container with known addresses (declared, or learned once):
 
@@ -259,13 +302,13 @@ def _local_service_flows(cfg: HostConfig, service: list[BoundPort],
       ARP responder for its address: remote hosts re-learn a move from it."""
     out: set[Flow] = set()
     for port in service:
-        b = binding_of(cfg, port, learned)
+        b = binding_of(declared, port, learned)
         if b is None:
             continue
-        declared = bool(cfg.container(port.role.vmid or 0).mac)
-        owner = Owner.PORTS if declared else Owner.DISCOVERED
+        own = is_declared(declared, port, b)
+        owner = Owner.PORTS if own else Owner.DISCOVERED
         who = f"{port.name} (container {port.role.vmid})"
-        out.add(service_port_l2_flow(port, b, declared))
+        out.add(service_port_l2_flow(port, b, own))
         if b.ip is not None:
             out.add(flow(SOCKET_PIPELINE["dispatch"], 110, in_port=port.ofport,
                          eth_type=ETH_ARP, arp_op=1, arp_tpa=b.ip,
@@ -278,8 +321,10 @@ def _local_service_flows(cfg: HostConfig, service: list[BoundPort],
 
 def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | None = None,
                  learned: Bindings | None = None,
-                 remote: Mapping[str, str] | None = None) -> frozenset[Flow]:
+                 remote: Mapping[str, str] | None = None,
+                 declared: Declarations | None = None) -> frozenset[Flow]:
     p = SOCKET_PIPELINE
+    declared = declarations(cfg) if declared is None else declared
     bound = bound_ports(cfg, cfg.bridges.socket.name, ports)
     from_mesh = _of_role(bound, Role.FROM_MESH)
     warp = _of_role(bound, Role.WARP)
@@ -292,33 +337,33 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
     f: set[Flow] = set()
     add = f.add
 
-    # classify: which class of port did this come from? unknown ports: dropped
+    # classify: which class of port did this come from? unknown ports: dropped. Nothing
+    # is learned before spoof_guard has passed the frame.
     c = p["classify"]
     add(_classify_default())
-    learn_service = learn_mac_to_port(p["service_l2"], 10, LEARN_IDLE_TIMEOUT)
-    learn_privacy = learn_mac_to_port(p["privacy_hosts"], 10, LEARN_IDLE_TIMEOUT, REG_OUT)
     for port in from_mesh:
         add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
-                 actions=[SetReg(REG_CLASS, CLASS_MESH), learn_service],
+                 actions=[SetReg(REG_CLASS, CLASS_MESH)],
                  note=f"classify: {port.name} is from-mesh"))
     for port in warp:
         add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
                  actions=[SetReg(REG_CLASS, CLASS_WARP)], note=f"classify: {port.name} is WARP"))
     for port in privacy:
         add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
-                 actions=[SetReg(REG_CLASS, CLASS_PRIVACY), learn_privacy],
+                 actions=[SetReg(REG_CLASS, CLASS_PRIVACY)],
                  note=f"classify: {port.name} is privacy container {port.role.vmid}"))
     for port in service:
         add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
-                 actions=[SetReg(REG_CLASS, CLASS_SERVICE), learn_service],
+                 actions=[SetReg(REG_CLASS, CLASS_SERVICE)],
                  note=f"classify: {port.name} is service container {port.role.vmid}"))
     for port in gateway:
         add(flow(c, 100, in_port=port.ofport, owner=Owner.PORTS, goto=p["spoof_guard"],
-                 actions=[SetReg(REG_CLASS, CLASS_GATEWAY), learn_service],
+                 actions=[SetReg(REG_CLASS, CLASS_GATEWAY)],
                  note=f"classify: {port.name} is the service gateway"))
 
-    f |= _spoof_guard(cfg, [*privacy, *service], learned or {})
-    f |= _local_service_flows(cfg, service, learned or {})
+    f |= _spoof_guard(cfg, declared, [*privacy, *service], [*from_mesh, *gateway],
+                      learned or {})
+    f |= _local_service_flows(declared, service, learned or {})
     f |= compile_policy(policy)
 
     d = p["dispatch"]
@@ -341,17 +386,18 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
                  **{REG_CLASS: CLASS_MESH}))
     # ARP from service containers for addresses known here (local containers, remote
     # hosts learned across the mesh) is answered on this host: no broadcast on the mesh
-    known, configured = _known_service_addresses(cfg, service, learned or {}, remote or {})
+    known, configured = _known_service_addresses(cfg, declared, service, learned or {},
+                                                 remote or {})
     for addr, mac in sorted(known.items()):
         add(service_arp_flow(addr, mac, Owner.PORTS if addr in configured else Owner.DISCOVERED))
     # ARP for declared privacy containers is answered here, for the mesh and for WARP
     # (their ARP replies must never leave towards the mesh).
     for port in privacy:
-        decl = cfg.container(port.role.vmid or 0)
-        if decl.mac and decl.ip:
+        decl = declared.of_port(port.name)
+        if decl is not None and decl.mac and decl.ipv4:
             for cls in (CLASS_MESH, CLASS_WARP):
-                add(flow(d, 100, eth_type=ETH_ARP, arp_op=1, arp_tpa=str(decl.ip.ip),
-                         actions=_arp_responder(decl.mac, str(decl.ip.ip)), owner=Owner.PORTS,
+                add(flow(d, 100, eth_type=ETH_ARP, arp_op=1, arp_tpa=decl.ipv4,
+                         actions=_arp_responder(decl.mac, decl.ipv4), owner=Owner.PORTS,
                          note=f"dispatch: answer ARP for privacy container {port.role.vmid}",
                          **{REG_CLASS: cls}))
 
@@ -382,8 +428,8 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
              goto=p["privacy_deliver"], note="privacy_lookup: reg1 = port of eth_dst"))
     add(flow(p["privacy_hosts"], 0, note="privacy_hosts: miss (reg1 stays 0)"))
     for port in privacy:
-        decl = cfg.container(port.role.vmid or 0)
-        if decl.mac:
+        decl = declared.of_port(port.name)
+        if decl is not None and decl.mac:
             add(flow(p["privacy_hosts"], 20, eth_dst=decl.mac, owner=Owner.PORTS,
                      actions=[SetReg(REG_OUT, port.ofport)],
                      note=f"privacy_hosts: declared MAC of container {port.role.vmid}"))
@@ -413,12 +459,16 @@ def socket_flows(cfg: HostConfig, ports: Mapping[str, int], policy: Policy | Non
 
 def desired_state(cfg: HostConfig, ports: Ports, policy: Policy | None = None,
                   learned: Bindings | None = None,
-                  remote: Mapping[str, str] | None = None) -> DesiredState:
-    """Flows for both bridges. Raises PipelineError if a flow breaks the declaration."""
+                  remote: Mapping[str, str] | None = None,
+                  declared: Declarations | None = None) -> DesiredState:
+    """Flows for both bridges. Raises PipelineError if a flow breaks the declaration.
+    ``declared``: the container addresses of `topology.addresses.declarations` (default:
+    host.yaml's alone)."""
     mesh_name, sock_name = cfg.bridges.mesh.name, cfg.bridges.socket.name
     state = {
         mesh_name: mesh_flows(cfg, ports.get(mesh_name, {})),
-        sock_name: socket_flows(cfg, ports.get(sock_name, {}), policy, learned, remote),
+        sock_name: socket_flows(cfg, ports.get(sock_name, {}), policy, learned, remote,
+                                declared),
     }
     check_flows(MESH_PIPELINE, state[mesh_name])
     check_flows(SOCKET_PIPELINE, state[sock_name])

@@ -9,6 +9,11 @@ each (source, destination) name it lists; the rules of one action between the
 same two nodes share an edge, labelled "rule: services" per rule, in rule
 order: allows solid, denies dashed. Internal tiers are marked on their
 node ("no internet"); the default is in the legend.
+
+A rule with more than one (source, destination) pair is labelled once: the
+pictures draw it as a small label node of its own (`RuleGroup`), its sources
+joined into it and it joined out to its destinations, instead of repeating its
+label on every edge (`PolicyGraph.labelled_edges` are the edges left to label).
 """
 
 from __future__ import annotations
@@ -66,10 +71,35 @@ class Edge:
 
 
 @dataclass(frozen=True)
+class RuleGroup:
+    """A rule with several (source, destination) pairs, drawn once: sources -> label
+    node -> destinations."""
+
+    id: str  # r0, r1 ...: safe in both Mermaid and DOT
+    rule: EdgeRule
+    action: Literal["allow", "deny"]
+    srcs: tuple[str, ...]  # node ids
+    dsts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class PolicyGraph:
     nodes: tuple[Node, ...]
     edges: tuple[Edge, ...]
     default: Literal["allow", "deny"]
+    groups: tuple[RuleGroup, ...] = ()
+
+    @property
+    def labelled_edges(self) -> tuple[Edge, ...]:
+        """The edges as drawn: without the rules drawn as a group, and without an edge
+        that has no other rule left."""
+        grouped = {g.rule for g in self.groups}
+        out = []
+        for e in self.edges:
+            rules = tuple(r for r in e.rules if r not in grouped)
+            if rules:
+                out.append(Edge(e.src, e.dst, e.action, rules))
+        return tuple(out)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -119,15 +149,21 @@ def policy_graph(policy: Policy) -> PolicyGraph:
                 lines = (name, f"in {tier}") if tier else (name,)
                 add(name, "cidr", lines, in_tier=tier)
     merged: dict[tuple[str, str, str], list[EdgeRule]] = {}
+    groups: list[RuleGroup] = []
     for rule in rules:
+        label = EdgeRule(rule.name, services_text(rule), rule.log)
         for a in rule.src.names:
             for b in rule.dst.names:
                 key = (nodes[a].id, nodes[b].id, rule.action)
-                merged.setdefault(key, []).append(
-                    EdgeRule(rule.name, services_text(rule), rule.log))
+                merged.setdefault(key, []).append(label)
+        if len(rule.src.names) * len(rule.dst.names) > 1:
+            groups.append(RuleGroup(
+                f"r{len(groups)}", label, rule.action,
+                tuple(dict.fromkeys(nodes[a].id for a in rule.src.names)),
+                tuple(dict.fromkeys(nodes[b].id for b in rule.dst.names))))
     edges = tuple(Edge(a, b, action, tuple(rs))  # type: ignore[arg-type]
                   for (a, b, action), rs in merged.items())
-    return PolicyGraph(tuple(nodes.values()), edges, policy.default)
+    return PolicyGraph(tuple(nodes.values()), edges, policy.default, tuple(groups))
 
 
 # ---------------------------------------------------------------- Mermaid
@@ -167,17 +203,29 @@ def to_mermaid(policy: Policy, title: str | None = None) -> str:
     legend = f"default: {g.default}<br/>solid: allow, dashed: deny"
     out.append(f'  legend["{legend}"]')
     deny_links = []
-    for i, e in enumerate(g.edges):
+    links = 0
+    for e in g.labelled_edges:
         arrow = "-->" if e.action == "allow" else "-.->"
         out.append(f"  {e.src} {arrow}|{_mermaid_text(e.lines)}| {e.dst}")
         if e.action == "deny":
-            deny_links.append(str(i))
+            deny_links.append(str(links))
+        links += 1
+    for grp in g.groups:
+        out.append(f"  {grp.id}[{_mermaid_text(grp.rule.lines)}]")
+        join, arrow = ("---", "-->") if grp.action == "allow" else ("-.-", "-.->")
+        hops = [f"  {src} {join} {grp.id}" for src in grp.srcs]
+        hops += [f"  {grp.id} {arrow} {dst}" for dst in grp.dsts]
+        out += hops
+        if grp.action == "deny":
+            deny_links += [str(i) for i in range(links, links + len(hops))]
+        links += len(hops)
     out += [
         "  classDef tier fill:#e8f1fb,stroke:#2563eb,color:#111",
         "  classDef internal fill:#eef7ee,stroke:#15803d,color:#111",
         "  classDef outside fill:#fff7e6,stroke:#b45309,color:#111",
         "  classDef cidr fill:#f5f5f5,stroke:#555,color:#111",
         "  classDef legend fill:#fff,stroke:#999,color:#333",
+        "  classDef rule fill:#ffffff,stroke:#1f2937,color:#1f2937,font-size:11px",
     ]
     for cls, members in (
         ("tier", [n.id for n in g.nodes if n.kind == "tier" and not n.internal]),
@@ -185,6 +233,7 @@ def to_mermaid(policy: Policy, title: str | None = None) -> str:
         ("outside", [n.id for n in g.nodes if n.kind in ("external", "internet", "any")]),
         ("cidr", [n.id for n in g.nodes if n.kind == "cidr"]),
         ("legend", ["legend"]),
+        ("rule", [grp.id for grp in g.groups]),
     ):
         if members:
             out.append(f"  class {','.join(members)} {cls}")
@@ -234,11 +283,21 @@ def to_dot(policy: Policy, title: str | None = None) -> str:
     out += [node_line(n, "    ") for n in inside]
     out.append("  }")
     out += [node_line(n, "  ") for n in g.nodes if n not in inside]
-    for e in g.edges:
+    deny = ', style=dashed, color="#dc2626", fontcolor="#dc2626"'
+    for e in g.labelled_edges:
         attrs = f"label={_dot_text(e.lines)}"
         if e.action == "deny":
-            attrs += ', style=dashed, color="#dc2626", fontcolor="#dc2626"'
+            attrs += deny
         out.append(f"  {e.src} -> {e.dst} [{attrs}];")
+    for grp in g.groups:
+        red = grp.action == "deny"
+        color = "#dc2626" if red else "#1f2937"
+        out.append(f"  {grp.id} [label={_dot_text(grp.rule.lines)}, shape=box, "
+                   f'style="rounded{",dashed" if red else ""}", fontsize=9, '
+                   f'margin="0.05,0.02", color="{color}", fontcolor="{color}"];')
+        line = ', style=dashed, color="#dc2626"' if red else ""
+        out += [f"  {src} -> {grp.id} [arrowhead=none{line}];" for src in grp.srcs]
+        out += [f"  {grp.id} -> {dst}{f' [{line[2:]}]' if red else ''};" for dst in grp.dsts]
     out.append("}")
     return "\n".join(out) + "\n"
 

@@ -1,10 +1,13 @@
 """The OpenFlow pipeline of each bridge, declared once as data.
 
 Every flow socknet computes is checked against this declaration
-(`check_flows`): its table must exist, it may only match the fields its table
-declares, it may only go forward to a declared table, and every table ends in
-a catch-all that drops or goes on (default deny). `docs/pipeline.md` is
-generated from the same data (`pipeline_markdown`).
+(`check_flows`, `check_against_pipeline`): its table must exist, it may only
+match the fields its table declares, it may only go forward to a declared
+table, and every table ends in a catch-all that drops or goes on (default
+deny). Every field a table declares is a field of `topology.openflow.FIELDS`
+(checked when this module is imported). What OVS itself refuses in a flow is
+`topology.flowcheck.check_flow`. `docs/pipeline.md` is generated from the same
+data (`pipeline_markdown`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from topology.model import Flow, Resubmit
+from topology.openflow import FIELDS
 
 # Register use on vmbr0 (one place, so tables and tests agree).
 REG_CLASS = "reg0"  # class of the ingress port, set in `classify`
@@ -35,11 +39,13 @@ ZONE_POLICY = 2
 # OpenFlow meters (packets/s to the controller): denied-packet logs, address learning,
 # and packets from ports the pipeline does not know yet (a new container's first packets
 # arrive before its port's flows; a meter of their own, so an unknown port that floods
-# can never use up the learning meter's budget).
+# can never use up the learning meter's budget), and copies of dropped packets that say
+# why (topology.drops: a flood of spoofed frames costs the controller at most this much).
 METER_LOG = 1
 METER_LEARN = 2
 METER_EARLY = 3
-METER_RATES = {METER_LOG: 100, METER_LEARN: 200, METER_EARLY: 50}
+METER_DROP = 4
+METER_RATES = {METER_LOG: 100, METER_LEARN: 200, METER_EARLY: 50, METER_DROP: 20}
 
 LEARN_IDLE_TIMEOUT = 300
 MESH_LEARN_IDLE_TIMEOUT = 60  # a remote MAC not heard from for this long is flooded again
@@ -95,7 +101,8 @@ MESH_PIPELINE = Pipeline(
     role="mesh",
     tables=(
         _t(0, "mesh_isolation", "mesh uplink(s) -> to-socket (learning which peer each MAC "
-           "is behind), to-socket -> mesh_l2; everything else dropped", ["in_port"]),
+           "is behind), to-socket -> mesh_l2; multicast and zero source MACs and everything "
+           "else dropped", ["in_port", "eth_src"]),
         _t(1, "mesh_l2", "from to-socket: a learned MAC goes to its peer's uplink only, "
            "unknown destinations to every uplink; never back into the mesh", ["eth_dst"]),
     ),
@@ -104,11 +111,15 @@ MESH_PIPELINE = Pipeline(
 SOCKET_PIPELINE = Pipeline(
     role="socket",
     tables=(
-        _t(0, "classify", "tag the ingress port's class in reg0, learn container MACs; "
-           "unknown ports dropped (a copy to the controller, rate-limited: a new port's first "
-           "packets can arrive before its flows)", ["in_port"]),
-        _t(10, "spoof_guard", "containers may only send with their own MAC and IPv4 "
-           "(declared, or learned once through the controller); anything else dropped",
+        _t(0, "classify", "tag the ingress port's class in reg0 (nothing is learned here); "
+           "unknown ports dropped (with learn-first-packet a copy to the controller, "
+           "rate-limited: a new port's first packets can arrive before its flows)",
+           ["in_port"]),
+        _t(10, "spoof_guard", "containers may only send with their bound MAC and IPv4 "
+           "(declared by Proxmox or host.yaml, or learned once through the controller with "
+           "learn-first-packet); multicast/zero source MACs dropped; the only MAC learning, "
+           "on frames that passed: a privacy container its bound MAC, from-mesh and gateway "
+           "any MAC but a local container's",
            ("in_port", REG_CLASS, "eth_src", "eth_type", "ipv4_src", "arp_spa", "arp_sha")),
         _t(20, "policy_entry", "service, mesh and gateway IPv4 into conntrack (zone 2); "
            "everything else goes on", (REG_CLASS, "eth_type")),
@@ -133,14 +144,14 @@ SOCKET_PIPELINE = Pipeline(
            "privacy replies towards the mesh", ("eth_type", "ipv4_dst")),
         _t(38, "privacy_lookup", "mesh/WARP traffic: look up which privacy container owns "
            "eth_dst (reg1)", (REG_CLASS,)),
-        _t(40, "privacy_hosts", "privacy container MAC -> port (declared or learned), "
-           "loaded into reg1", ("eth_dst",)),
+        _t(40, "privacy_hosts", "privacy container MAC -> port (declared, or learned from "
+           "its bound MAC in spoof_guard), loaded into reg1", ("eth_dst",)),
         _t(42, "privacy_deliver", "deliver to the privacy container in reg1 (mesh: commit "
            "to conntrack); misses from the mesh go to service switching",
            (REG_CLASS, REG_OUT, "eth_dst", "eth_type")),
         _t(50, "service_l2", "service containers + from-mesh: each local service "
-           "container's MAC (declared or learned) to its port, above learned MAC switching; "
-           "flood to service ports and from-mesh only", ("eth_dst",)),
+           "container's bound MAC to its port, above the MACs learned behind from-mesh and "
+           "the gateway; flood to service ports, gateway and from-mesh only", ("eth_dst",)),
     ),
 )
 
@@ -149,6 +160,21 @@ PIPELINES = {"mesh": MESH_PIPELINE, "socket": SOCKET_PIPELINE}
 
 class PipelineError(ValueError):
     pass
+
+
+def check_declaration(pipeline: Pipeline) -> None:
+    """Every table matches only fields of the field table, and numbers are unique."""
+    problems = [f"table {t.name} declares unknown match fields {sorted(t.matches - FIELDS.keys())}"
+                for t in pipeline.tables if t.matches - FIELDS.keys()]
+    numbers = [t.number for t in pipeline.tables]
+    if len(set(numbers)) != len(numbers):
+        problems.append(f"{pipeline.role}: table numbers repeat: {numbers}")
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+for _pipeline in PIPELINES.values():
+    check_declaration(_pipeline)
 
 
 def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
@@ -166,7 +192,7 @@ def check_flows(pipeline: Pipeline, flows: Iterable[Flow]) -> None:
         raise PipelineError("; ".join(problems))
 
 
-def check_flow(pipeline: Pipeline, f: Flow) -> None:
+def check_against_pipeline(pipeline: Pipeline, f: Flow) -> None:
     """One flow added to a desired state that was checked whole before."""
     problems = _flow_problems(pipeline, f)
     if problems:
@@ -220,8 +246,9 @@ def pipeline_markdown() -> str:
         "ct_mark bit 1 marks a connection the policy committed, bit 0 one a deny has cut.",
         "",
         f"Meters: {METER_LOG} = denied-packet logs, {METER_LEARN} = address learning, "
-        f"{METER_EARLY} = packets from ports without flows yet (packets/s to the controller, "
-        "excess dropped in the switch).",
+        f"{METER_EARLY} = packets from ports without flows yet, {METER_DROP} = copies of "
+        "dropped packets for `dropped` log events (packets/s to the controller, excess "
+        "dropped in the switch).",
         "",
     ]
     return "\n".join(lines)

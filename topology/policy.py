@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from topology.openflow import IP_PROTOS
 from topology.shadowing import first_covering
 from topology.yamlpos import (
     LineIndex,
@@ -35,7 +36,7 @@ from topology.yamlpos import (
 )
 
 Proto = Literal["tcp", "udp", "icmp"]
-PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
+PROTO_NUMBERS = {name: IP_PROTOS[name] for name in ("icmp", "tcp", "udp")}  # the Proto names
 BUILTIN_SETS = ("internet", "any")
 MAX_RULES = 5000
 MAX_SETS = 20_000  # tiers and externals together

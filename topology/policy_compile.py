@@ -28,6 +28,7 @@ from topology.model import (
     ct_state,
     flow,
 )
+from topology.openflow import ETH_IPV4, IP_PROTOS
 from topology.pipeline import (
     CLASS_GATEWAY,
     CLASS_MESH,
@@ -38,10 +39,9 @@ from topology.pipeline import (
     SOCKET_PIPELINE,
     ZONE_POLICY,
 )
-from topology.policy import PROTO_NUMBERS, AddressSet, Policy, PortRange, Rule, Service
+from topology.policy import AddressSet, Policy, PortRange, Rule, Service
 from topology.policy import clear_caches as clear_policy_caches
 
-ETH_IPV4 = 0x0800
 # ct_mark bits of zone ZONE_POLICY: bit 1 = committed by the policy, bit 0 = a deny cut it.
 COMMITTED = (0b10, 0b10)
 ALLOWED = (0b10, 0b11)  # committed and not cut: written on allow, matched for replies
@@ -74,7 +74,7 @@ def _dimensions(rule: Rule) -> list[list[Match]]:
     if rule.services:
         services: list[Match] = []
         for svc in rule.services:
-            proto = PROTO_NUMBERS[svc.proto]
+            proto = IP_PROTOS[svc.proto]
             if not svc.ports or svc.proto == "icmp":
                 services.append({"ip_proto": proto})
                 continue

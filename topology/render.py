@@ -1,4 +1,5 @@
-"""Flows as `ovs-ofctl add-flows` text: what `socknet flows` prints."""
+"""Flows as `ovs-ofctl add-flows` text: what `socknet flows` prints. Field spellings
+come from the field table (`topology.openflow.FIELDS`)."""
 
 from __future__ import annotations
 
@@ -21,33 +22,7 @@ from topology.model import (
     SetReg,
     ToController,
 )
-
-OFCTL_FIELD = {
-    "in_port": "in_port",
-    "eth_src": "dl_src",
-    "eth_dst": "dl_dst",
-    "eth_type": "dl_type",
-    "arp_op": "arp_op",
-    "arp_spa": "arp_spa",
-    "arp_tpa": "arp_tpa",
-    "arp_sha": "arp_sha",
-    "arp_tha": "arp_tha",
-    "ipv4_src": "nw_src",
-    "ipv4_dst": "nw_dst",
-    "ip_proto": "nw_proto",
-    "tcp_src": "tcp_src",
-    "tcp_dst": "tcp_dst",
-    "udp_src": "udp_src",
-    "udp_dst": "udp_dst",
-    "icmpv4_type": "icmp_type",
-    "icmpv4_code": "icmp_code",
-    "ct_state": "ct_state",
-    "ct_zone": "ct_zone",
-    "ct_mark": "ct_mark",
-    "ct_label": "ct_label",
-    "conj_id": "conj_id",
-    **{f"reg{i}": f"reg{i}" for i in range(8)},
-}
+from topology.openflow import FIELDS
 
 
 def _ct_state_text(value: int, mask: int) -> str:
@@ -59,7 +34,7 @@ def _ct_state_text(value: int, mask: int) -> str:
 
 
 def match_text(name: str, value: MatchValue) -> str:
-    field = OFCTL_FIELD[name]
+    field = FIELDS[name].ofctl
     if name == "ct_state":
         assert isinstance(value, tuple)
         return f"ct_state={_ct_state_text(int(value[0]), int(value[1]))}"
@@ -80,11 +55,11 @@ def action_text(action: Action) -> str:
                 return "in_port"
             return f"output:{port}"
         case OutputReg(reg=reg):
-            return f"output:NXM_NX_{reg.upper()}[0..15]"
+            return f"output:{FIELDS[reg].nxm}[0..15]"
         case SetReg(reg=reg, value=value):
-            return f"load:0x{value:x}->NXM_NX_{reg.upper()}[]"
+            return f"load:0x{value:x}->{FIELDS[reg].nxm}[]"
         case SetField(field=field, value=value):
-            return f"set_field:{value}->{OFCTL_FIELD[field]}"
+            return f"set_field:{value}->{FIELDS[field].ofctl}"
         case MoveField(src=src, dst=dst):
             return f"move:{src}->{dst}"
         case Resubmit(table=table):

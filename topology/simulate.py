@@ -48,8 +48,8 @@ in lib/classifier.c and ofproto/ofproto-dpif-xlate.c:
   ct_mark and ct_label, as stored after that ct action. Not modelled: rel, NAT,
   TCP flag and window checks, timeouts. OVS rejects a `ct` action in a flow
   that does not match eth_type IPv4/IPv6, or with mark/label but no commit,
-  and so does the simulator; a non-IP packet that reaches ct anyway is left
-  untracked (ct_state 0).
+  and so does the simulator; a non-IPv4 packet that reaches ct is left
+  untracked (ct_state 0): IPv6 connection tracking is not modelled yet.
 * `ToController` (and ``Output("CONTROLLER")``) is a packet-in: recorded in
   `Result.packet_ins`, not an output. A flow's meter (rate limit) is noted in
   the log and not applied.
@@ -76,25 +76,29 @@ keeping learned flows and connections (e.g. to see a policy change cut a live
 connection).
 
 Flows are checked when a `Switch` is built, and `FlowError` names what OVS
-would refuse or what makes the outcome depend on installation order: unknown
-fields, masks on fields that cannot be masked, value bits outside the mask,
-missing match prerequisites (ipv4_src needs eth_type=0x800, tcp_dst needs
-ip_proto=6 ...) for matches and for the fields actions use, goto_table to a
-table that is not later, `ct` without an IPv4/IPv6 match, conjunction flows
-with other actions or fewer than 2 clauses, learn specs whose widths or
-prerequisites do not fit, and two different flows with the same table,
-priority and match (OVS keeps only the one installed last).
+would refuse or what makes the outcome depend on installation order: every
+value of the match (`topology.openflow.match_value`: masks on fields that
+cannot be masked, value bits outside the mask), then the one whole-flow check
+the encoder also runs (`topology.flowcheck.check_flow`: unknown fields, missing
+prerequisites, goto_table backwards, `ct` without an IPv4/IPv6 match,
+conjunctions with other actions, learn specs that do not fit ...), and across
+flows: conjunctions whose flows disagree on the number of clauses, and two
+different flows with the same table, priority and match (OVS keeps only the
+one installed last). Fields, their widths and prerequisites come from
+`topology.openflow.FIELDS`; a `Packet` carries one attribute per header field
+the simulator models (IPv4, ARP, TCP/UDP/ICMP, IPv6, ICMPv6 and neighbour
+discovery).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from topology.flowcheck import ConjClause, check_flow, conjunction
 from topology.model import (
     CT_STATE_BITS,
     LEARNED_COOKIE,
@@ -102,7 +106,6 @@ from topology.model import (
     Ct,
     Flow,
     Learn,
-    LearnSpec,
     MatchValue,
     MoveField,
     Output,
@@ -113,15 +116,33 @@ from topology.model import (
     SetReg,
     ToController,
 )
+from topology.openflow import (
+    CT_FIELDS,
+    CT_LABEL_MASK,
+    ETH_ARP,
+    ETH_IPV4,
+    ETH_IPV6,
+    FIELDS,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    IP_PROTOS,
+    ND_NEIGHBOR_ADVERT,
+    ND_NEIGHBOR_SOLICIT,
+    FlowError,
+    Subfield,
+    Values,
+    format_value,
+    is_immediate,
+    match_entry,
+    match_value,
+    need_prereqs,
+    parse_subfield,
+    to_int,
+)
 from topology.render import action_text, match_text
 
 # ---------------------------------------------------------------- constants
 
-ETH_IPV4 = 0x0800
-ETH_ARP = 0x0806
-ETH_RARP = 0x8035
-ETH_IPV6 = 0x86DD
-IP_PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 ZERO_MAC = "00:00:00:00:00:00"
 
@@ -130,11 +151,9 @@ OFPP_LOCAL = 0xFFFFFFFE
 RESERVED_PORTS = {"LOCAL": OFPP_LOCAL}
 MAX_PORT = 0xFEFF  # OVS assigns ports 1..0xfeff (ovs-fields(7), in_port)
 
-MAX_TABLE = 254
 MAX_BACKWARD_DEPTH = 64  # nested resubmits to the same or an earlier table
 MAX_RESUBMITS = 4096  # resubmits + gotos in one pass
 MAX_RECIRC_DEPTH = 6  # ct(table=...) re-injections in a row (dpif-netdev's limit)
-MAX_CONJ_CLAUSES = 64
 
 TRK = CT_STATE_BITS["trk"]
 NEW = CT_STATE_BITS["new"]
@@ -144,233 +163,11 @@ INV = CT_STATE_BITS["inv"]
 
 _ICMP_PAIRS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17}
 _ICMP_REQUESTS = frozenset({8, 13, 15, 17})
-
-
-class FlowError(ValueError):
-    """A flow OVS would refuse, or a flow set whose outcome depends on install order."""
+_ICMPV6_PAIRS = {ICMPV6_ECHO_REQUEST: ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REPLY: ICMPV6_ECHO_REQUEST}
 
 
 class _Abort(Exception):
     """Ends the current pass (recursion too deep, too many resubmits)."""
-
-
-# ---------------------------------------------------------------- fields
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One match field as OVS knows it (os-ken OXM name, width, how values are written)."""
-
-    name: str
-    width: int
-    kind: Literal["int", "mac", "ipv4"] = "int"
-    maskable: bool = True
-    writable: bool = True
-    prereqs: tuple[tuple[str, frozenset[int]], ...] = ()
-
-    @property
-    def full(self) -> int:
-        return (1 << self.width) - 1
-
-
-_IS_ARP = (("eth_type", frozenset({ETH_ARP, ETH_RARP})),)
-_IS_IPV4 = (("eth_type", frozenset({ETH_IPV4})),)
-_IS_IP = (("eth_type", frozenset({ETH_IPV4, ETH_IPV6})),)
-
-
-def _l4(proto: int) -> tuple[tuple[str, frozenset[int]], ...]:
-    return (*_IS_IP, ("ip_proto", frozenset({proto})))
-
-
-_FIELD_LIST = (
-    FieldSpec("in_port", 16, maskable=False),  # NXM_OF_IN_PORT is 16 bits; OVS ports fit
-    FieldSpec("eth_dst", 48, "mac"),
-    FieldSpec("eth_src", 48, "mac"),
-    FieldSpec("eth_type", 16, maskable=False, writable=False),
-    FieldSpec("arp_op", 16, maskable=False, prereqs=_IS_ARP),
-    FieldSpec("arp_spa", 32, "ipv4", prereqs=_IS_ARP),
-    FieldSpec("arp_tpa", 32, "ipv4", prereqs=_IS_ARP),
-    FieldSpec("arp_sha", 48, "mac", prereqs=_IS_ARP),
-    FieldSpec("arp_tha", 48, "mac", prereqs=_IS_ARP),
-    FieldSpec("ipv4_src", 32, "ipv4", prereqs=_IS_IPV4),
-    FieldSpec("ipv4_dst", 32, "ipv4", prereqs=_IS_IPV4),
-    FieldSpec("ip_proto", 8, maskable=False, writable=False, prereqs=_IS_IP),
-    FieldSpec("tcp_src", 16, prereqs=_l4(6)),
-    FieldSpec("tcp_dst", 16, prereqs=_l4(6)),
-    FieldSpec("udp_src", 16, prereqs=_l4(17)),
-    FieldSpec("udp_dst", 16, prereqs=_l4(17)),
-    FieldSpec("icmpv4_type", 8, maskable=False, prereqs=(*_IS_IPV4, ("ip_proto", frozenset({1})))),
-    FieldSpec("icmpv4_code", 8, maskable=False, prereqs=(*_IS_IPV4, ("ip_proto", frozenset({1})))),
-    FieldSpec("ct_state", 32, writable=False),
-    FieldSpec("ct_zone", 16, maskable=False, writable=False),
-    FieldSpec("ct_mark", 32, writable=False),  # only ct(exec(...)) writes it
-    FieldSpec("ct_label", 128, writable=False),
-    FieldSpec("conj_id", 32, maskable=False, writable=False),
-    *(FieldSpec(f"reg{i}", 32) for i in range(8)),
-)
-FIELDS: dict[str, FieldSpec] = {f.name: f for f in _FIELD_LIST}
-REGISTERS = tuple(f"reg{i}" for i in range(8))
-_CT_FIELDS = ("ct_state", "ct_zone", "ct_mark", "ct_label")
-
-_NXM_NAMES = {
-    "NXM_OF_IN_PORT": "in_port",
-    "NXM_OF_ETH_DST": "eth_dst",
-    "NXM_OF_ETH_SRC": "eth_src",
-    "NXM_OF_ETH_TYPE": "eth_type",
-    "NXM_OF_IP_PROTO": "ip_proto",
-    "NXM_OF_IP_SRC": "ipv4_src",
-    "NXM_OF_IP_DST": "ipv4_dst",
-    "NXM_OF_TCP_SRC": "tcp_src",
-    "NXM_OF_TCP_DST": "tcp_dst",
-    "NXM_OF_UDP_SRC": "udp_src",
-    "NXM_OF_UDP_DST": "udp_dst",
-    "NXM_OF_ICMP_TYPE": "icmpv4_type",
-    "NXM_OF_ICMP_CODE": "icmpv4_code",
-    "NXM_OF_ARP_OP": "arp_op",
-    "NXM_OF_ARP_SPA": "arp_spa",
-    "NXM_OF_ARP_TPA": "arp_tpa",
-    "NXM_NX_ARP_SHA": "arp_sha",
-    "NXM_NX_ARP_THA": "arp_tha",
-    "NXM_NX_CT_STATE": "ct_state",
-    "NXM_NX_CT_ZONE": "ct_zone",
-    "NXM_NX_CT_MARK": "ct_mark",
-    "NXM_NX_CT_LABEL": "ct_label",
-    "NXM_NX_CONJ_ID": "conj_id",
-    **{f"NXM_NX_REG{i}": f"reg{i}" for i in range(8)},
-    **{f"OXM_OF_{name.upper()}": name for name in FIELDS},
-}
-_SUBFIELD_RE = re.compile(
-    r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:\[(?:(?P<a>\d+)(?:\.\.(?P<b>\d+))?)?\])?$"
-)
-
-
-def field_spec(name: str) -> FieldSpec:
-    """The field for an os-ken name ("eth_src"), NXM name ("NXM_OF_ETH_SRC") or OXM name."""
-    spec = FIELDS.get(_NXM_NAMES.get(name, name))
-    if spec is None:
-        raise FlowError(f"unknown field {name!r}")
-    return spec
-
-
-@dataclass(frozen=True)
-class Subfield:
-    """Bits ``start .. start+nbits-1`` of a field: "NXM_NX_REG1[0..15]", "NXM_OF_ETH_SRC[]"."""
-
-    field: str
-    start: int
-    nbits: int
-
-    @property
-    def mask(self) -> int:
-        return ((1 << self.nbits) - 1) << self.start
-
-
-def parse_subfield(text: str) -> Subfield:
-    """ "NXM_NX_REG1[0..15]" / "NXM_NX_REG1[3]" / "NXM_OF_ETH_SRC[]" / "reg1" -> Subfield."""
-    m = _SUBFIELD_RE.match(text.strip())
-    if m is None:
-        raise FlowError(f"bad field {text!r}: expected NAME, NAME[], NAME[a..b] or NAME[a]")
-    spec = field_spec(m["name"])
-    start = int(m["a"]) if m["a"] is not None else 0
-    end = int(m["b"]) if m["b"] is not None else (start if m["a"] is not None else spec.width - 1)
-    if not 0 <= start <= end < spec.width:
-        raise FlowError(f"bad bit range in {text!r}: {spec.name} is {spec.width} bits")
-    return Subfield(spec.name, start, end - start + 1)
-
-
-def _is_field_ref(text: str) -> bool:
-    m = _SUBFIELD_RE.match(text.strip())
-    return m is not None and _NXM_NAMES.get(m["name"], m["name"]) in FIELDS
-
-
-# ---------------------------------------------------------------- values
-
-
-def mac_to_int(mac: str) -> int:
-    parts = mac.split(":")
-    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", p) for p in parts):
-        raise FlowError(f"{mac!r} is not a MAC address")
-    return int("".join(p.zfill(2) for p in parts), 16)
-
-
-def int_to_mac(value: int) -> str:
-    return ":".join(f"{(value >> s) & 0xFF:02x}" for s in range(40, -8, -8))
-
-
-def _ipv4_to_int(text: str) -> int:
-    parts = text.split(".")
-    # dotted quads as ipaddress reads them, without its cost (a policy has 100k of them)
-    if len(parts) == 4 and all(p.isascii() and p.isdigit() and len(p) <= 3
-                               and (p[0] != "0" or p == "0") for p in parts):
-        a, b, c, d = (int(p) for p in parts)
-        if a <= 255 and b <= 255 and c <= 255 and d <= 255:
-            return a << 24 | b << 16 | c << 8 | d
-    try:
-        return int(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise FlowError(f"{text!r} is not an IPv4 address") from None
-
-
-def _scalar(spec: FieldSpec, value: int | str) -> int:
-    """One value (no mask) of a field as an integer; MAC and IPv4 fields take their text form."""
-    if isinstance(value, bool):
-        raise FlowError(f"{spec.name}: {value!r} is not a value")
-    if isinstance(value, int):
-        number = value
-    elif spec.kind == "mac" and ":" in value:
-        number = mac_to_int(value)
-    elif spec.kind == "ipv4" and "." in value:
-        number = _ipv4_to_int(value)
-    else:
-        try:
-            number = int(value, 0)
-        except ValueError:
-            raise FlowError(f"{spec.name}: cannot read {value!r}") from None
-    if not 0 <= number <= spec.full:
-        raise FlowError(f"{spec.name}: {value!r} does not fit in {spec.width} bits")
-    return number
-
-
-def _mask_of(spec: FieldSpec, text: str) -> int:
-    if spec.kind == "ipv4" and text.isdigit() and int(text) <= 32:
-        return (spec.full << (32 - int(text))) & spec.full  # prefix length
-    return _scalar(spec, text)
-
-
-def match_value(name: str, value: MatchValue) -> tuple[int, int]:
-    """A model match value -> (value, mask) integers, checked as OVS checks them."""
-    spec = field_spec(name)
-    if isinstance(value, tuple):
-        raw, mask = _scalar(spec, value[0]), _scalar(spec, value[1])
-    elif isinstance(value, str) and "/" in value:
-        text, mask_text = value.split("/", 1)
-        raw, mask = _scalar(spec, text), _mask_of(spec, mask_text)
-    else:
-        raw, mask = _scalar(spec, value), spec.full
-    if mask != spec.full and not spec.maskable:
-        raise FlowError(f"{name} cannot be masked (ovs-fields(7)): {value!r}")
-    if raw & ~mask:
-        raise FlowError(f"{name}={value!r}: value has bits outside the mask")
-    return raw, mask
-
-
-def format_value(name: str, value: int) -> int | str:
-    """An integer field value in the form the model and `Packet` use (MAC/IPv4 as text)."""
-    kind = field_spec(name).kind
-    if kind == "mac":
-        return int_to_mac(value)
-    if kind == "ipv4":
-        return str(ipaddress.IPv4Address(value))
-    return value
-
-
-def _match_entry(name: str, value: int, mask: int) -> MatchValue:
-    spec = field_spec(name)
-    if mask == spec.full:
-        return format_value(name, value)
-    if spec.kind == "int":
-        return (value, mask)
-    return (cast(str, format_value(name, value)), cast(str, format_value(name, mask)))
 
 
 # ---------------------------------------------------------------- packets
@@ -378,10 +175,12 @@ def _match_entry(name: str, value: int, mask: int) -> MatchValue:
 
 @dataclass(frozen=True)
 class Packet:
-    """Header fields of one packet, by os-ken name. None: the packet has no such header.
+    """Header fields of one packet, by model name (`topology.openflow.FIELDS`). None: the
+    packet has no such header.
 
-    MAC and IPv4 addresses are text ("02:00:00:00:01:00", "10.0.0.1"); MACs are
-    kept lower case.
+    MAC and IP addresses are text ("02:00:00:00:01:00", "10.0.0.1", "fd00::1"), kept
+    in canonical form (lower case, IPv6 compressed). An IPv6 frame without ipv6_src
+    is one whose headers the simulator does not read (ethernet()'s default).
     """
 
     in_port: int
@@ -402,20 +201,28 @@ class Packet:
     udp_dst: int | None = None
     icmpv4_type: int | None = None
     icmpv4_code: int | None = None
+    ipv6_src: str | None = None
+    ipv6_dst: str | None = None
+    ipv6_label: int | None = None
+    icmpv6_type: int | None = None
+    icmpv6_code: int | None = None
+    ipv6_nd_target: str | None = None
+    ipv6_nd_sll: str | None = None
+    ipv6_nd_tll: str | None = None
 
     def __post_init__(self) -> None:
         for name in PACKET_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
-            canonical = format_value(name, _scalar(FIELDS[name], value))
+            canonical = format_value(name, to_int(FIELDS[name], value))
             if canonical != value:
                 object.__setattr__(self, name, canonical)
 
     def headers(self) -> dict[str, int]:
         """The fields the packet carries, as integers."""
         return {
-            name: _scalar(FIELDS[name], value)
+            name: to_int(FIELDS[name], value)
             for name in PACKET_FIELDS
             if (value := getattr(self, name)) is not None
         }
@@ -424,14 +231,17 @@ class Packet:
         """The answer to this packet, entering at ``in_port``: addresses and ports swapped.
 
         ``src_mac`` replaces the swapped Ethernet source (e.g. a router's MAC);
-        ICMP echo requests become echo replies.
+        ICMP and ICMPv6 echo requests become echo replies.
         """
         changes: dict[str, Any] = {"in_port": in_port, "eth_dst": self.eth_src,
                                    "eth_src": src_mac or self.eth_dst}
-        for a, b in (("ipv4_src", "ipv4_dst"), ("tcp_src", "tcp_dst"), ("udp_src", "udp_dst")):
+        for a, b in (("ipv4_src", "ipv4_dst"), ("ipv6_src", "ipv6_dst"), ("tcp_src", "tcp_dst"),
+                     ("udp_src", "udp_dst")):
             changes[a], changes[b] = getattr(self, b), getattr(self, a)
         if self.icmpv4_type is not None:
             changes["icmpv4_type"] = _ICMP_PAIRS.get(self.icmpv4_type, self.icmpv4_type)
+        if self.icmpv6_type is not None:
+            changes["icmpv6_type"] = _ICMPV6_PAIRS.get(self.icmpv6_type, self.icmpv6_type)
         return dataclasses.replace(self, **changes)
 
 
@@ -466,6 +276,48 @@ def ipv4(in_port: int, src_mac: str, dst_mac: str, src_ip: str, dst_ip: str,
                   ipv4_src=src_ip, ipv4_dst=dst_ip, ip_proto=IP_PROTOS[proto], **l4)
 
 
+def ipv6(in_port: int, src_mac: str, dst_mac: str, src_ip: str, dst_ip: str,
+         proto: Literal["tcp", "udp", "icmpv6"] = "tcp", sport: int = 49152, dport: int = 80,
+         *, icmp_type: int = ICMPV6_ECHO_REQUEST, icmp_code: int = 0, label: int = 0) -> Packet:
+    """An IPv6 packet; TCP/UDP use ``sport``/``dport``, ICMPv6 ``icmp_type``/``icmp_code``."""
+    l4: dict[str, int] = {}
+    if proto == "icmpv6":
+        l4 = {"icmpv6_type": icmp_type, "icmpv6_code": icmp_code}
+    elif proto in ("tcp", "udp"):
+        l4 = {f"{proto}_src": sport, f"{proto}_dst": dport}
+    else:
+        raise ValueError(f"unknown protocol {proto!r}")
+    return Packet(in_port=in_port, eth_src=src_mac, eth_dst=dst_mac, eth_type=ETH_IPV6,
+                  ipv6_src=src_ip, ipv6_dst=dst_ip, ipv6_label=label, ip_proto=IP_PROTOS[proto],
+                  **l4)
+
+
+def neighbor_solicit(in_port: int, src_mac: str, src_ip: str, target_ip: str,
+                     *, sll: str | None = None) -> Packet:
+    """ICMPv6 NS for ``target_ip`` to its solicited-node multicast group, with a source
+    link-layer address option (``sll``, default the sender's MAC; "" for none, as in
+    duplicate address detection from ::)."""
+    target = ipaddress.IPv6Address(target_ip)
+    group = ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0"))
+                                  | (int(target) & 0xFFFFFF))
+    group_mac = "33:33:" + ":".join(f"{b:02x}" for b in group.packed[-4:])
+    return Packet(in_port=in_port, eth_src=src_mac, eth_dst=group_mac, eth_type=ETH_IPV6,
+                  ipv6_src=src_ip, ipv6_dst=str(group), ipv6_label=0,
+                  ip_proto=IP_PROTOS["icmpv6"], icmpv6_type=ND_NEIGHBOR_SOLICIT, icmpv6_code=0,
+                  ipv6_nd_target=target_ip, ipv6_nd_sll=(src_mac if sll is None else sll) or None)
+
+
+def neighbor_advert(in_port: int, src_mac: str, src_ip: str, dst_mac: str, dst_ip: str,
+                    *, target_ip: str | None = None, tll: str | None = None) -> Packet:
+    """ICMPv6 NA: ``target_ip`` (default ``src_ip``) is at ``tll`` (default the sender's
+    MAC; "" for no target link-layer address option)."""
+    return Packet(in_port=in_port, eth_src=src_mac, eth_dst=dst_mac, eth_type=ETH_IPV6,
+                  ipv6_src=src_ip, ipv6_dst=dst_ip, ipv6_label=0, ip_proto=IP_PROTOS["icmpv6"],
+                  icmpv6_type=ND_NEIGHBOR_ADVERT, icmpv6_code=0,
+                  ipv6_nd_target=target_ip or src_ip,
+                  ipv6_nd_tll=(src_mac if tll is None else tll) or None)
+
+
 # ---------------------------------------------------------------- simulator-only action
 
 
@@ -482,7 +334,7 @@ def action_str(action: object) -> str:
     if isinstance(action, Load):
         return f"load:{action.value:#x}->{action.dst}"
     try:
-        conj = _conjunction(action)
+        conj = conjunction(action)
         if conj is not None:
             return f"conjunction({conj.id},{conj.clause}/{conj.n_clauses})"
         return action_text(cast(Action, action))
@@ -508,195 +360,33 @@ def flow_str(flow: Flow) -> str:
         ",".join(acts) or "drop")
 
 
-# ---------------------------------------------------------------- conjunctions
-
-
-@dataclass(frozen=True)
-class ConjClause:
-    """conjunction(id, clause/n_clauses), read from any action class named Conjunction."""
-
-    id: int
-    clause: int
-    n_clauses: int
-
-
-def _conjunction(action: object) -> ConjClause | None:
-    if type(action).__name__ != "Conjunction":
-        return None
-    conj = cast(Any, action)
-    try:
-        return ConjClause(int(conj.id), int(conj.clause), int(conj.n_clauses))
-    except (AttributeError, TypeError, ValueError):
-        raise FlowError(f"{action!r}: a Conjunction needs integer id, clause, n_clauses") from None
-
-
 # ---------------------------------------------------------------- flow checks
 
 NormMatch = tuple[tuple[str, int, int], ...]
 
 
 def normalize_match(flow: Flow) -> NormMatch:
-    """(field, value, mask) per matched field, by os-ken name, sorted."""
+    """(field, value, mask) per matched field, by model name, sorted; every value checked
+    (`topology.openflow.match_value`)."""
     out: dict[str, tuple[int, int]] = {}
     for name, value in flow.match:
-        spec = field_spec(name)
-        if spec.name in out:
-            raise FlowError(f"{spec.name} matched twice in {flow_str(flow)}")
-        out[spec.name] = match_value(name, value)
+        if name in out:
+            raise FlowError(f"{name} matched twice in {flow_str(flow)}")
+        out[name] = match_value(name, value)
     return tuple(sorted((name, v, m) for name, (v, m) in out.items()))
 
 
-def prereqs_met(spec: FieldSpec, match: Mapping[str, tuple[int, int]]) -> bool:
-    """Does ``match`` guarantee the headers ``spec`` lives in (ovs-fields(7) prerequisites)?"""
-    for name, allowed in spec.prereqs:
-        value, mask = match.get(name, (0, 0))
-        if mask != FIELDS[name].full or value not in allowed:
-            return False
-    return True
-
-
-def _need_prereqs(name: str, match: Mapping[str, tuple[int, int]], what: str) -> None:
-    spec = field_spec(name)
-    if not prereqs_met(spec, match):
-        needs = ", ".join(f"{n} in {sorted(hex(v) for v in vs)}" for n, vs in spec.prereqs)
-        raise FlowError(f"{what}: {spec.name} needs a match on {needs}")
-
-
-def _need_writable(name: str, what: str) -> None:
-    if not field_spec(name).writable:
-        raise FlowError(f"{what}: {field_spec(name).name} is read-only")
-
-
-def _check_table(table: int, what: str) -> None:
-    if not 0 <= table <= MAX_TABLE:
-        raise FlowError(f"{what}: table {table} is not 0..{MAX_TABLE}")
-
-
-def _check_output(port: int | str, what: str) -> None:
-    if isinstance(port, str):
-        if port not in ("IN_PORT", "ALL", "FLOOD", "CONTROLLER", *RESERVED_PORTS):
-            raise FlowError(f"{what}: unsupported port {port!r}")
-    elif not 0 <= port <= 0xFFFFFFFF:
-        raise FlowError(f"{what}: bad port {port}")
-
-
-def _check_register(reg: str, what: str) -> None:
-    if reg not in REGISTERS:
-        raise FlowError(f"{what}: {reg!r} is not one of reg0..reg7")
-
-
-def _check_move(src: str, dst: str, match: Mapping[str, tuple[int, int]], what: str) -> None:
-    s, d = parse_subfield(src), parse_subfield(dst)
-    if s.nbits != d.nbits:
-        raise FlowError(f"{what}: {src} is {s.nbits} bits, {dst} is {d.nbits}")
-    _need_writable(d.field, what)
-    _need_prereqs(s.field, match, what)
-    _need_prereqs(d.field, match, what)
-
-
-def _check_ct(ct: Ct, match: Mapping[str, tuple[int, int]], what: str) -> None:
-    if not 0 <= ct.zone <= 0xFFFF:
-        raise FlowError(f"{what}: ct zone {ct.zone} is not 16 bits")
-    if ct.table is not None:
-        _check_table(ct.table, what)
-    eth_type = match.get("eth_type", (0, 0))
-    if eth_type[1] != 0xFFFF or eth_type[0] not in (ETH_IPV4, ETH_IPV6):
-        raise FlowError(f"{what}: ct needs eth_type=0x800 or 0x86dd in the match "
-                        "(OVS: OFPBAC_MATCH_INCONSISTENT)")
-    state, mask = match.get("ct_state", (0, 0))
-    if ct.commit and state & mask & INV:
-        raise FlowError(f"{what}: ct(commit) on +inv packets")
-    if not ct.commit and (ct.mark is not None or ct.label is not None):
-        raise FlowError(f"{what}: ct exec (mark, label) needs commit")
-    if ct.mark is not None and (ct.mark[0] & ~ct.mark[1] or ct.mark[1] >> 32):
-        raise FlowError(f"{what}: bad ct_mark value/mask {ct.mark}")
-    if ct.label is not None and not 0 <= ct.label <= 0xFFFFFFFF:
-        raise FlowError(f"{what}: ct label {ct.label} is not 32 bits")
-
-
-def _check_action(action: object, match: Mapping[str, tuple[int, int]], what: str) -> None:
-    match action:
-        case Output(port=port):
-            _check_output(port, what)
-        case OutputReg(reg=reg):
-            _check_register(reg, what)
-        case SetReg(reg=reg, value=value):
-            _check_register(reg, what)
-            _scalar(FIELDS[reg], value)
-        case SetField(field=name, value=value):
-            _need_writable(name, what)
-            _need_prereqs(name, match, what)
-            _scalar(field_spec(name), value)
-        case MoveField(src=src, dst=dst):
-            _check_move(src, dst, match, what)
-        case Load(value=value, dst=dst):
-            sub = parse_subfield(dst)
-            _need_writable(sub.field, what)
-            _need_prereqs(sub.field, match, what)
-            if value >> sub.nbits:
-                raise FlowError(f"{what}: {value:#x} does not fit {dst}")
-        case Resubmit(table=table):
-            _check_table(table, what)
-        case Ct():
-            _check_ct(action, match, what)
-        case Learn():
-            check_learn(action, match, what)
-        case ToController():
-            pass
-        case _:
-            raise FlowError(f"{what}: the simulator does not know action {action!r}")
-
-
-def _learn_src_bits(spec: LearnSpec, dst_bits: int, dst_field: str, what: str) -> None:
-    if _is_field_ref(spec.src):
-        src = parse_subfield(spec.src)
-        if src.nbits != dst_bits:
-            raise FlowError(f"{what}: learn {spec.src} is {src.nbits} bits, "
-                            f"{spec.dst} is {dst_bits}")
-        return
-    if _scalar(field_spec(dst_field), spec.src) >> dst_bits:
-        raise FlowError(f"{what}: learn immediate {spec.src} does not fit {spec.dst}")
-
-
-def check_learn(learn: Learn, match: Mapping[str, tuple[int, int]], what: str) -> None:
-    """learn_check() of OVS: sources valid in this flow, destinations in the learned one.
-
-    Match specs build the learned match in order, so a prerequisite (e.g.
-    "0x800" -> NXM_OF_ETH_TYPE[]) must come before the field that needs it.
-    """
-    _check_table(learn.table, what)
-    learned: dict[str, tuple[int, int]] = {}
-    for spec in learn.specs:
-        if spec.kind == "output":
-            _need_prereqs(parse_subfield(spec.src).field, match, what)
-            continue
-        if spec.kind not in ("match", "load"):
-            raise FlowError(f"{what}: unknown learn spec kind {spec.kind!r}")
-        dst = parse_subfield(spec.dst)
-        _learn_src_bits(spec, dst.nbits, dst.field, what)
-        if _is_field_ref(spec.src):
-            _need_prereqs(parse_subfield(spec.src).field, match, what)
-        _need_prereqs(dst.field, learned, f"{what} (learned flow)")
-        if spec.kind == "load":
-            _need_writable(dst.field, what)
-        elif not _is_field_ref(spec.src):  # OVS records immediates only (learn_check)
-            value = _scalar(field_spec(dst.field), spec.src) << dst.start
-            old_v, old_m = learned.get(dst.field, (0, 0))
-            learned[dst.field] = ((old_v & ~dst.mask) | value, old_m | dst.mask)
-
-
-def _conj_clauses(flow: Flow, what: str) -> tuple[ConjClause, ...]:
-    clauses = tuple(c for a in flow.actions if (c := _conjunction(a)) is not None)
-    if not clauses:
-        return ()
-    if len(clauses) != len(flow.actions) or flow.goto is not None:
-        raise FlowError(f"{what}: a flow with conjunction actions may have no other action "
-                        "or goto_table")
-    for c in clauses:
-        if not 2 <= c.n_clauses <= MAX_CONJ_CLAUSES or not 1 <= c.clause <= c.n_clauses:
-            raise FlowError(f"{what}: conjunction({c.id},{c.clause}/{c.n_clauses}) needs "
-                            f"1 <= k <= n and 2 <= n <= {MAX_CONJ_CLAUSES}")
-    return clauses
+def _check_load(action: object, values: Values) -> None:
+    """The learned flows' `Load` (the model has no partial load): what OVS checks of
+    ``load:value->dst``; anything else is an action the simulator does not know."""
+    if not isinstance(action, Load):
+        raise FlowError(f"the simulator does not know action {action!r}")
+    sub = parse_subfield(action.dst)
+    if not sub.spec.writable:
+        raise FlowError(f"{sub.field} is read-only")
+    need_prereqs(sub.field, values)
+    if action.value >> sub.nbits:
+        raise FlowError(f"{action.value:#x} does not fit {action.dst}")
 
 
 @dataclass(frozen=True)
@@ -728,26 +418,25 @@ class _Rule:
         return all(fields.get(name, 0) & mask == value for name, value, mask in self.match)
 
 
-# Stands for "table T: <the flow in ovs-ofctl syntax>" in FlowError messages while a flow
-# is checked: writing that text for every flow cost a fifth of checking a large policy.
-_WHAT = "\x00flow\x00"
 _COMPILED_MAX = 1 << 18
 _compiled: dict[Flow, _Rule] = {}
 
 
 def compile_flow(flow: Flow, cookie: int | None = None) -> _Rule:
-    """Check one flow as OVS would on flow-mod and prepare it for lookups. Flows are
-    immutable: the result for a flow with its own cookie is kept (a policy reload that
-    builds a simulator again mostly finds the same flows)."""
+    """Check one flow as OVS would on flow-mod (`topology.flowcheck.check_flow`, on every
+    value of its match) and prepare it for lookups. Flows are immutable: the result for
+    a flow with its own cookie is kept (a policy reload that builds a simulator again
+    mostly finds the same flows)."""
     if cookie is None:
         rule = _compiled.get(flow)
         if rule is not None and rule.flow is flow:
             return rule
     try:
-        rule = _compile_flow(flow, flow.cookie if cookie is None else cookie)
-    except FlowError as exc:
-        what = f"table {flow.table}: {flow_str(flow)}"
-        raise FlowError(str(exc).replace(_WHAT, what)) from None
+        norm = normalize_match(flow)
+        conjunctions = check_flow(flow, {name: (v, m) for name, v, m in norm}, _check_load)
+    except FlowError as exc:  # the flow's text only now: writing it for every flow is slow
+        raise FlowError(f"table {flow.table}: {flow_str(flow)}: {exc}") from None
+    rule = _Rule(flow, flow.cookie if cookie is None else cookie, norm, conjunctions)
     if cookie is None:
         if len(_compiled) >= _COMPILED_MAX:
             _compiled.clear()
@@ -758,24 +447,6 @@ def compile_flow(flow: Flow, cookie: int | None = None) -> _Rule:
 def clear_compiled() -> None:
     """Forget the checked flows kept by `compile_flow` (benchmarks time cold checks)."""
     _compiled.clear()
-
-
-def _compile_flow(flow: Flow, cookie: int) -> _Rule:
-    what = _WHAT
-    _check_table(flow.table, what)
-    if not 0 <= flow.priority <= 0xFFFF:
-        raise FlowError(f"{what}: priority is not 0..65535")
-    norm = normalize_match(flow)
-    as_dict = {name: (v, m) for name, v, m in norm}
-    for name, _, _ in norm:
-        _need_prereqs(name, as_dict, what)
-    if flow.goto is not None and not flow.table < flow.goto <= MAX_TABLE:
-        raise FlowError(f"{what}: goto_table must go to a later table (OFPBIC_BAD_TABLE_ID)")
-    conjunctions = _conj_clauses(flow, what)
-    if not conjunctions:
-        for action in flow.actions:
-            _check_action(action, as_dict, what)
-    return _Rule(flow, cookie, norm, conjunctions)
 
 
 def _check_conjunction_sizes(rules: Iterable[_Rule]) -> None:
@@ -829,7 +500,7 @@ class _Conn:
         if mark is not None:
             self.mark = (self.mark & ~mark[1]) | (mark[0] & mark[1])
         if label is not None:
-            self.label = (self.label & ~0xFFFFFFFF) | label
+            self.label = (self.label & ~CT_LABEL_MASK) | (label & CT_LABEL_MASK)
 
 
 def _ct_key(fields: Mapping[str, int]) -> CtKey:
@@ -980,7 +651,7 @@ class _State:
                                                                        & sub.mask)
 
     def clear_ct(self) -> None:
-        for name in _CT_FIELDS:
+        for name in CT_FIELDS:
             self.fields.pop(name, None)
 
     def packet(self) -> Packet:
@@ -1201,8 +872,8 @@ class Switch:
             case SetReg(reg=reg, value=value):
                 state.fields[reg] = value
             case SetField(field=name, value=value):
-                spec = field_spec(name)
-                state.write(Subfield(spec.name, 0, spec.width), _scalar(spec, value))
+                spec = FIELDS[name]
+                state.write(Subfield(spec.name, 0, spec.width), to_int(spec, value))
             case MoveField(src=src, dst=dst):
                 state.write(parse_subfield(dst), state.read(parse_subfield(src)))
             case Load(value=value, dst=dst):
@@ -1278,10 +949,10 @@ class Switch:
 # ---------------------------------------------------------------- learn
 
 
-def _learn_value(src: str, dst: Subfield, state: _State) -> int:
-    if _is_field_ref(src):
-        return state.read(parse_subfield(src))
-    return _scalar(FIELDS[dst.field], src)
+def _learn_value(src: str, state: _State) -> int:
+    if is_immediate(src):
+        return int(src, 0)
+    return state.read(parse_subfield(src))
 
 
 def _learned_flow(learn: Learn, state: _State) -> Flow:
@@ -1293,7 +964,7 @@ def _learned_flow(learn: Learn, state: _State) -> Flow:
             actions.append(Output(state.read(parse_subfield(spec.src))))
             continue
         dst = parse_subfield(spec.dst)
-        value = _learn_value(spec.src, dst, state)
+        value = _learn_value(spec.src, state)
         if spec.kind == "load":
             actions.append(Load(value, spec.dst))
             continue
@@ -1302,7 +973,7 @@ def _learned_flow(learn: Learn, state: _State) -> Flow:
     return Flow(
         table=learn.table,
         priority=learn.priority,
-        match=tuple(sorted((n, _match_entry(n, v, m)) for n, (v, m) in match.items())),
+        match=tuple(sorted((n, match_entry(n, v, m)) for n, (v, m) in match.items())),
         actions=cast(tuple[Action, ...], tuple(actions)),
         owner=Owner.LEARNED,
         idle_timeout=learn.idle_timeout,
