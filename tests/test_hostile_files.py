@@ -265,6 +265,9 @@ def test_internal_tiers_that_compile_to_millions_of_flows(tmp_path: Path):
     ("tiers:\n" + "".join(f"  t{k}: {{cidrs: [10.{k // 256}.{k % 256}.0/24], internal: true}}\n"
                           for k in range(4_990)) + "policy: {rules: [" +
      ",".join(["{}"] * 20) + "]}\n", "20 rules and 4990 internal tiers (a rule each): at most"),
+    ("tiers: {}\ntests: [" + ",".join(["{}"] * 1001) + "]\n", ":2: 1001 tests: at most 1000"),
+    ("tiers: {a: {cidrs: [10.0.0.0/8]}}\npolicy: {rules: [{name: r, from: a, to: a, tcp: ["
+     + ",".join(["80"] * 20_001) + "]}]}\n", ":2: 20001 ports and port ranges in rules: at most"),
 ])
 def test_counts_are_refused_before_validation(text: str, expected: str, tmp_path: Path):
     """Each empty rule was three schema errors, each holding memory: counted first."""

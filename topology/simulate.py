@@ -394,9 +394,13 @@ class _Rule:
     """A checked flow as the switch holds it."""
 
     flow: Flow
-    cookie: int
+    given_cookie: int | None  # None: the flow's own (computed when first asked)
     match: NormMatch
     conjunctions: tuple[ConjClause, ...]
+
+    @property
+    def cookie(self) -> int:
+        return self.flow.cookie if self.given_cookie is None else self.given_cookie
 
     @property
     def priority(self) -> int:
@@ -436,7 +440,7 @@ def compile_flow(flow: Flow, cookie: int | None = None) -> _Rule:
         conjunctions = check_flow(flow, {name: (v, m) for name, v, m in norm}, _check_load)
     except FlowError as exc:  # the flow's text only now: writing it for every flow is slow
         raise FlowError(f"table {flow.table}: {flow_str(flow)}: {exc}") from None
-    rule = _Rule(flow, flow.cookie if cookie is None else cookie, norm, conjunctions)
+    rule = _Rule(flow, cookie, norm, conjunctions)
     if cookie is None:
         if len(_compiled) >= _COMPILED_MAX:
             _compiled.clear()
@@ -710,28 +714,54 @@ def _satisfied(soft: Iterable[_Rule]) -> list[int]:
 
 
 class _Table:
-    """One flow table: its rules in lookup order, and a tuple space over them (as OVS's
-    classifier): rules grouped by the fields and masks they match, each group a dict
-    from the masked values. A lookup costs a dict lookup per group, not a test per
-    rule, which matters for a policy's tests on 100k flows."""
+    """One flow table, as a tuple space (as OVS's classifier): rules grouped by the
+    fields and masks they match, each group a dict from the masked values. A lookup
+    costs a dict lookup per group, not a test per rule (a policy's tests run on 100k
+    flows), and a learned flow goes into its group without rebuilding the table. Lookup
+    order: priority, then cookie, then the order the rules came in."""
 
-    def __init__(self, rules: list[_Rule]) -> None:
-        self.rules = sorted(rules, key=lambda r: r.order)
-        self._spaces: dict[tuple[tuple[str, int], ...], dict[tuple[int, ...], list[int]]] = {}
-        for k, rule in enumerate(self.rules):
-            shape = tuple((name, mask) for name, _, mask in rule.match)
-            values = tuple(value for _, value, _ in rule.match)
-            self._spaces.setdefault(shape, {}).setdefault(values, []).append(k)
+    def __init__(self, rules: Iterable[_Rule]) -> None:
+        self._spaces: dict[tuple[tuple[str, int], ...],
+                           dict[tuple[int, ...], list[tuple[int, _Rule]]]] = {}
+        self._by_key: dict[tuple[int, int, NormMatch], tuple[int, _Rule]] = {}
+        self._count = 0
+        for rule in rules:
+            self.add(rule)
+
+    def _group(self, rule: _Rule) -> list[tuple[int, _Rule]]:
+        shape = tuple((name, mask) for name, _, mask in rule.match)
+        values = tuple(value for _, value, _ in rule.match)
+        return self._spaces.setdefault(shape, {}).setdefault(values, [])
+
+    def add(self, rule: _Rule) -> None:
+        """Add ``rule``; one with the same priority and match is replaced (as in OVS)."""
+        old = self._by_key.pop(rule.key, None)
+        if old is not None:
+            self._group(old[1]).remove(old)
+        entry = (self._count, rule)
+        self._count += 1
+        self._by_key[rule.key] = entry
+        self._group(rule).append(entry)
+
+    @property
+    def rules(self) -> list[_Rule]:
+        """Every rule, in lookup order."""
+        return [r for _, r in sorted(self._by_key.values(), key=_lookup_order)]
 
     def matching(self, fields: Mapping[str, int]) -> list[_Rule]:
         """The rules that match ``fields``, in lookup order."""
-        found: list[int] = []
+        found: list[tuple[int, _Rule]] = []
         for shape, space in self._spaces.items():
             hit = space.get(tuple(fields.get(name, 0) & mask for name, mask in shape))
             if hit:
                 found.extend(hit)
-        found.sort()
-        return [self.rules[k] for k in found]
+        found.sort(key=_lookup_order)
+        return [r for _, r in found]
+
+
+def _lookup_order(entry: tuple[int, _Rule]) -> tuple[int, int, int]:
+    priority, cookie = entry[1].order
+    return priority, cookie, entry[0]
 
 
 # ---------------------------------------------------------------- the switch
@@ -941,8 +971,7 @@ class Switch:
 
     def _learn(self, run: _Run, state: _State, learn: Learn, depth: int) -> None:
         rule = compile_flow(_learned_flow(learn, state), LEARNED_COOKIE)
-        others = [r for r in self._rules(rule.flow.table) if r.key != rule.key]
-        self._tables[rule.flow.table] = _Table([*others, rule])
+        self._tables.setdefault(rule.flow.table, _Table(())).add(rule)
         run.note(f"learn: table {rule.flow.table}: {flow_str(rule.flow)}", depth)
 
 
