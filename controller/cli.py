@@ -192,14 +192,25 @@ def _policy_arg(path: str) -> Policy:
 
 
 @main.command()
-@click.argument("policy_file", type=click.Path())
+@click.argument("policy_file", nargs=-1, required=True, type=click.Path(),
+                metavar="POLICY_FILE...")
 @click.option("--quiet", "-q", is_flag=True, help="print failures only")
-def check(policy_file: str, quiet: bool) -> None:
-    """Validate and compile a policy, run its tests on the compiled flows (simulated)."""
+def check(policy_file: tuple[str, ...], quiet: bool) -> None:
+    """Validate and compile policies, run their tests on the compiled flows (simulated).
+    Exit status: the worst of the files'."""
+    sys.exit(max(_check_one(path, quiet) for path in policy_file))
+
+
+def _check_one(policy_file: str, quiet: bool) -> int:
     from topology.check import run_tests
     from topology.policy_compile import compile_policy, rule_flow_count
 
-    policy = _policy_arg(policy_file)
+    try:
+        policy = load_policy(policy_file)
+    except PolicyError as exc:
+        for line in exc.problems:
+            click.echo(f"socknet: {line}", err=True)
+        return EXIT_BAD_INPUT
     outcomes = run_tests(policy)
     failed = [o for o in outcomes if not o.passed]
     for o in outcomes:
@@ -208,7 +219,7 @@ def check(policy_file: str, quiet: bool) -> None:
     flows = compile_policy(policy)
     click.echo(f"{policy_file}: {len(policy.rules)} rules, {rule_flow_count(flows)} rule flows, "
                f"{len(outcomes) - len(failed)}/{len(outcomes)} tests passed")
-    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 @main.command()

@@ -51,12 +51,20 @@ def gc_paused() -> Iterator[None]:
 
 
 def load_checked(path: Path) -> tuple[Policy | None, list[str]]:
-    """The policy at ``path`` if it is valid and its tests pass, else the problems."""
+    """The policy at ``path`` if it is valid and its tests pass, else the problems.
+
+    Never raises: whatever the file holds, the running controller refuses it and keeps
+    its policy. A file the checks should have refused but that breaks something later
+    (a bug) is refused too, with the error and the traceback in the log."""
     try:
         policy = load_policy(path)
+        failures = failing_tests(policy)
     except PolicyError as exc:
         return None, exc.problems
-    failures = failing_tests(policy)
+    except Exception as exc:  # noqa: BLE001 - the controller must outlive any file
+        log.exception("policy_check_crashed", path=str(path))
+        return None, [f"{path}: the check failed ({type(exc).__name__}: {exc}): please "
+                      "report this file"]
     if failures:
         return None, [f"test failed: {f}" for f in failures]
     return policy, []

@@ -39,10 +39,10 @@ class PolicyLab(SocketLab):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.policy_path.write_text(policy_text)
 
-    def write_policy(self, text: str) -> None:
+    def write_policy(self, text: str | bytes) -> None:
         """Replace the policy file the way editors do (write aside, rename)."""
         tmp = self.policy_path.with_suffix(".tmp")
-        tmp.write_text(text)
+        tmp.write_bytes(text.encode() if isinstance(text, str) else text)
         os.replace(tmp, self.policy_path)
 
     def container_ip(self, vmid: int) -> str:

@@ -16,6 +16,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
 
+from bench import hostile
 from labs import conn
 from labs import netns as nsl
 from labs.lab import Container, container_mac
@@ -191,6 +192,24 @@ def test_bad_reload_changes_nothing(lab: PolicyLab):
         before = len(lab.log_events())
         lab.write_policy(bad)
         assert eventually(lambda b=before: bool(events(lab, "policy_refused", b)), 10.0)
+        assert tcp(lab, EDGE, APP, 3000)
+        assert not tcp(lab, EDGE, DB, 5432)
+    lab.write_policy(POLICY)
+    time.sleep(0.5)
+    assert sorted(lab.flows("vmbr0")) == flows_before
+
+
+def test_hostile_reload_keeps_the_controller_and_its_policy(lab: PolicyLab):
+    """Issue 11.5: the controller died (SIGSEGV) reloading 25,000 nested brackets and
+    logged a traceback, not policy_refused, for a non-UTF-8 byte."""
+    flows_before = sorted(lab.flows("vmbr0"))
+    for data in (hostile.bracket_bomb(25_000), hostile.block_bomb(25_000),
+                 hostile.non_utf8_policy(), hostile.alias_bomb(), hostile.nul_policy(),
+                 hostile.many_tiers(1_000, internal=True, stride=2)):
+        before = len(lab.log_events())
+        lab.write_policy(data)
+        assert eventually(lambda b=before: bool(events(lab, "policy_refused", b)), 10.0)
+        assert lab.controller is not None and lab.controller.poll() is None
         assert tcp(lab, EDGE, APP, 3000)
         assert not tcp(lab, EDGE, DB, 5432)
     lab.write_policy(POLICY)

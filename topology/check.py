@@ -95,6 +95,8 @@ class TestOutcome:
 
 
 def run_tests(policy: Policy, sim: PolicySimulator | None = None) -> list[TestOutcome]:
+    if not policy.tests:
+        return []  # nothing to run: no need to build the simulated switch
     sim = sim or PolicySimulator(policy)
     return [
         TestOutcome(t.describe(), t.line, t.expect, sim.trace(str(t.src), str(t.dst), t.proto,

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,23 +26,50 @@ from pydantic import (
 )
 
 from topology.fleet import check_host_name
-from topology.yamlpos import load_with_lines, validation_problems, yaml_problem
+from topology.yamlpos import (
+    LineIndex,
+    capped,
+    load_with_lines,
+    read_config,
+    validation_problems,
+    yaml_problem,
+)
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]-]{1,15}$")
 LISTEN_RE = re.compile(r"^(tcp|ssl):(?P<host>[0-9a-fA-F.:\[\]]+):(?P<port>\d{1,5})$")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_CONTAINERS = 10_000
+MAX_UPLINKS = 64
+MAX_TEXT = 4096  # characters of a name, path or address setting
 
 
 class ConfigError(Exception):
     """One or more problems in a config file, each with file, line and field."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = capped(problems)
         super().__init__("\n".join(problems))
         self.problems = problems
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a number or a boolean where a string is expected (and the other way
+    # round) is an error, not converted
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _plain_text(value: str) -> str:
+    """No control characters (a NUL ends a path in every system call) and a sane length."""
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"longer than {MAX_TEXT} characters")
+    m = CONTROL_RE.search(value)
+    if m is not None:
+        raise ValueError(f"contains the control character U+{ord(m.group()):04X}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_plain_text)]
 
 
 def _ifname(value: str) -> str:
@@ -249,12 +277,13 @@ class MetricsCfg(_Strict):
 
 class MeshBridgeCfg(_Strict):
     name: IfName = "mesh"
-    uplinks: list[IfName] = Field(default_factory=lambda: ["nm-privacy"], min_length=1)
+    uplinks: list[IfName] = Field(default_factory=lambda: ["nm-privacy"], min_length=1,
+                                  max_length=MAX_UPLINKS)
     to_socket: IfName = "to-socket"
     # The mesh's WireGuard device (Netmaker: `netmaker`, older `nm-<net>`) and, for
     # wireguard-go, the directory of its UAPI socket <wg_sock_dir>/<wg_interface>.sock.
     wg_interface: IfName = "netmaker"
-    wg_sock_dir: str = "/var/run/wireguard"
+    wg_sock_dir: Text = "/var/run/wireguard"
     # true: socknet itself keeps one kernel VXLAN device `vx-<hash>` per live peer of
     # wg_interface as a port of this bridge (controller.peersync); false: the `vx-*`
     # devices (or whatever `uplinks` names) are made by someone else.
@@ -405,18 +434,19 @@ class FleetCfg(_Strict):
 
 
 class HostConfig(_Strict):
-    host: str = "localhost"
-    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
+    host: Text = "localhost"
+    ovsdb: Text = "unix:/var/run/openvswitch/db.sock"
     datapath_type: Literal["system", "netdev"] = "system"
     controller: ControllerCfg = ControllerCfg()
     metrics: MetricsCfg = MetricsCfg()
     bridges: BridgesCfg
-    containers: dict[int, ContainerCfg] = Field(default_factory=dict)  # wins over pve
+    containers: dict[int, ContainerCfg] = Field(default_factory=dict,  # wins over pve
+                                                max_length=MAX_CONTAINERS)
     pve: PveCfg | None = PveCfg()  # null: no Proxmox authority
     # declared: only addresses from pve/containers; learn-first-packet: also bind an
     # undeclared container to its first packet's addresses (never a policy-named one)
     addresses: Literal["declared", "learn-first-packet"] = "declared"
-    policy: str | None = None
+    policy: Text | None = None
     fleet: FleetCfg | None = None  # None: a single host, no fleet database (the default)
 
     @field_validator("ovsdb")
@@ -457,9 +487,11 @@ def load_host_config(path: str | Path) -> HostConfig:
     """Parse and validate host.yaml. Raises ConfigError with file:line: field: reason."""
     path = str(path)
     try:
-        text = Path(path).read_text()
+        text = read_config(path)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([yaml_problem(path, exc)]) from None
     return parse_host_config(text, path)
 
 
@@ -470,7 +502,33 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
         raise ConfigError([yaml_problem(path, exc)]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: (top level): expected a mapping of settings"])
+    if "tiers" in data and "bridges" not in data:
+        raise ConfigError([f"{path}:1: this looks like a policy.yaml: use socknet check "
+                           f"{path}"])
     try:
-        return HostConfig.model_validate(data)
+        cfg = HostConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(validation_problems(path, root, exc.errors())) from None
+        raise ConfigError(validation_problems(path, root, exc)) from None
+    problems = duplicate_addresses(cfg, LineIndex(root), path)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def duplicate_addresses(cfg: HostConfig, lines: LineIndex, path: str) -> list[str]:
+    """Two containers declared with one MAC or one IPv4 address: each would steal the
+    other's traffic (two table-40 flows with one match and different ports)."""
+    problems = []
+    seen: dict[tuple[str, str], int] = {}
+    for vmid, c in cfg.containers.items():
+        for field, value in (("mac", c.mac), ("ip", None if c.ip is None else str(c.ip.ip))):
+            if value is None:
+                continue
+            first = seen.setdefault((field, value), vmid)
+            if first != vmid:
+                what = "MAC" if field == "mac" else "IPv4 address"
+                problems.append(
+                    f"{path}:{lines.line(('containers', vmid, field))}: containers.{vmid}."
+                    f"{field}: {value} is also the {what} of container {first} "
+                    f"({path}:{lines.line(('containers', first, field))})")
+    return problems

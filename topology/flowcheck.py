@@ -10,6 +10,7 @@ conjunctions, ct, learn, meters and goto_table.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -117,11 +118,23 @@ class ConjClause:
 def conjunction(action: object) -> ConjClause | None:
     if type(action).__name__ != "Conjunction":
         return None
+    try:
+        return _CLAUSES[action]  # a large policy is 100k of them, a few per rule apart
+    except (KeyError, TypeError):  # TypeError: not hashable
+        pass
     conj: Any = action
     try:
-        return ConjClause(int(conj.id), int(conj.clause), int(conj.n_clauses))
+        clause = ConjClause(int(conj.id), int(conj.clause), int(conj.n_clauses))
     except (AttributeError, TypeError, ValueError):
         raise FlowError(f"{action!r}: a Conjunction needs integer id, clause, n_clauses") from None
+    if len(_CLAUSES) >= 1 << 16:
+        _CLAUSES.clear()
+    with contextlib.suppress(TypeError):
+        _CLAUSES[action] = clause
+    return clause
+
+
+_CLAUSES: dict[object, ConjClause] = {}
 
 
 def conjunctions(flow: Flow) -> tuple[ConjClause, ...]:

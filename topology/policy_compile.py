@@ -56,15 +56,7 @@ Match = dict[str, MatchValue]
 
 def port_prefixes(r: PortRange) -> list[MatchValue]:
     """A port range as the fewest value/mask matches (exact ports as plain ints)."""
-    out: list[MatchValue] = []
-    lo, hi = r.lo, r.hi
-    while lo <= hi:
-        size = lo & -lo if lo else 1 << 16
-        while size > hi - lo + 1:
-            size >>= 1
-        out.append(lo if size == 1 else (lo, 0xFFFF & ~(size - 1)))
-        lo += size
-    return out
+    return [lo if size == 1 else (lo, 0xFFFF & ~(size - 1)) for lo, size in r.blocks()]
 
 
 def _net(net: IPv4Network) -> MatchValue:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import yaml
 
 from topology.config import ConfigError, FleetCfg, HostConfig, load_host_config
 
@@ -252,11 +253,14 @@ def push(policy_file: str, config_path: str | None, db: str | None, wait: bool,
     from controller.fleet.admin import FleetAdminError
     from topology.check import failing_tests
     from topology.policy import PolicyError, parse_policy
+    from topology.yamlpos import read_config, yaml_problem
 
     try:
-        text = Path(policy_file).read_text()
+        text = read_config(policy_file)  # as `socknet check` reads it: within the limits
     except OSError as exc:
         _fail([f"{policy_file}: cannot read: {exc.strerror}"], EXIT_BAD_INPUT)
+    except yaml.YAMLError as exc:
+        _fail([yaml_problem(policy_file, exc)], EXIT_BAD_INPUT)
     try:
         parsed = parse_policy(text, policy_file)
     except PolicyError as exc:
